@@ -1,0 +1,473 @@
+"""Generate text with a Qwen checkpoint: a command line and an importable generator.
+
+    python generate.py --prompt "Write a haiku about the sea"
+    python generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat
+    python generate.py --model ./my-checkpoint --raw --prompt "def fib(n):" --temperature 0
+
+Generation runs in two phases (as in gpt-fast): *prefill* pushes the whole prompt through the
+model once, filling the KV cache, and *decode* then feeds one new token at a time, each step
+reading the cache instead of recomputing the past. stdout carries only the generated text; all
+else (progress, timing) goes to stderr.
+
+Python use:
+    import generate
+    model, tokenizer, defaults = generate.load("Qwen/Qwen2.5-0.5B-Instruct")
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
+    for token in generate.generate(model, ids, 64, temperature=0):
+        print(tokenizer.decode([token]), end="")
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+# model_type in config.json -> the file that implements it (the MoE files extend the family).
+MODEL_FILES = {
+    "qwen2": "qwen2",          # Qwen2, Qwen2.5 (and Qwen1.5 dense checkpoints)
+    "qwen2_moe": "qwen2_moe",  # Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B
+    "qwen3_moe": "qwen3_moe",  # Qwen3-30B-A3B, Qwen3-235B-A22B
+    "qwen3": "qwen3_moe",      # dense Qwen3 = Qwen3-MoE with every layer dense
+}
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def model_module(model_type: str):
+    """The model file for a config.json `model_type`."""
+    if model_type not in MODEL_FILES:
+        raise UsageError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_FILES))}")
+    try:
+        return importlib.import_module(MODEL_FILES[model_type])
+    except ModuleNotFoundError as e:
+        if e.name != MODEL_FILES[model_type]:
+            raise
+        raise UsageError(f"model_type {model_type!r} needs {MODEL_FILES[model_type]}.py, which is not "
+                         f"present") from None
+
+
+def load(name_or_path: str, device=None, dtype=None):
+    """Load (model, tokenizer, generation defaults) from a local folder or a hub id."""
+    import qwen2  # resolves folders and hub ids for every model file
+    from tokenizer import Tokenizer
+
+    folder = qwen2.resolve_checkpoint(name_or_path)
+    config = qwen2.load_config(folder)
+    module = model_module(config.get("model_type"))
+    model = module.from_pretrained(folder, device=device, dtype=dtype)
+    tokenizer = Tokenizer(folder)
+    return model, tokenizer, generation_defaults(folder)
+
+
+def generation_defaults(folder: str) -> dict:
+    """Sampling settings and stop tokens from generation_config.json (greedy when absent)."""
+    path = os.path.join(folder, "generation_config.json")
+    cfg = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    eos = cfg.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    sampling = cfg.get("do_sample", False)
+    return {
+        "temperature": float(cfg.get("temperature", 1.0)) if sampling else 0.0,
+        "top_k": int(cfg.get("top_k") or 0) if sampling else 0,
+        "top_p": float(cfg.get("top_p", 1.0)) if sampling else 1.0,
+        "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
+        "eos_token_ids": eos,
+    }
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (transformers' order: repetition penalty, temperature, top-k, top-p)
+# ----------------------------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the sequence less likely: positive logits / penalty, negative * penalty.
+    logits: (B, vocab) float; seen: (B, vocab) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row. logits: (B, vocab) -> (B,) token ids.
+
+    temperature 0 = greedy (argmax). top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the
+    smallest set of most likely tokens whose probability adds up to at least top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)                         # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - top_p)
+        drop_sorted[:, -1] = False                                                # keep the most likely
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------
+
+def context_length(model) -> int:
+    return int(model.config.max_position_embeddings)
+
+
+def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None,
+                    compile: bool = False, stats: dict | None = None):
+    """The generation loop for a batch of prompts; yields a (B,) tensor of new tokens per step.
+
+    Prompts of different lengths are left-padded; an attention mask hides the padding and
+    positions count real tokens only, so each row gets the result it would get alone. Finished rows
+    (stop token seen) keep yielding `pad_id`. Stops when every row has finished, after
+    max_new_tokens, or at the model's context length (then stats["context_limit"] is True).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("empty prompt: give at least one token")
+    limit = context_length(model)
+    longest = max(len(p) for p in prompts)
+    if longest >= limit:
+        raise UsageError(f"the prompt has {longest} tokens but the context length is {limit}; shorten it")
+    steps = min(max_new_tokens, limit - longest)
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=sum(len(p) for p in prompts), new_tokens=0, context_limit=False)
+    if steps <= 0:
+        return
+    device, B = model.device, len(prompts)
+    tokens = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    mask = torch.ones(B, longest + steps, dtype=torch.long, device=device)                           # (B, S)
+    for row, p in enumerate(prompts):
+        mask[row, :longest - len(p)] = 0
+    mask = mask if B > 1 and not bool(mask.all()) else None
+    vocab = model.config.vocab_size
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, tokens.clamp(max=vocab - 1), True)
+        if mask is not None:  # padding is not part of the text
+            for row, p in enumerate(prompts):
+                seen[row] = False
+                seen[row, torch.tensor(p, device=device)] = True
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if compile:  # static shapes: the slot and positions are tensors, attention spans the whole cache
+        compiled = compiled_decode_step(model)
+        pads = (mask == 0).sum(-1, keepdim=True) if mask is not None else torch.zeros(B, 1, dtype=torch.long,
+                                                                                        device=device)
+
+        def step_fn(token, pos):
+            slot = torch.tensor([pos], device=device)
+            return compiled(model, token, slot, mask, slot[None] - pads)
+    else:
+        def step_fn(token, pos):
+            return decode_step(model, token, pos, None if mask is None else mask[:, :pos + 1])
+
+    def pick(logits):  # logits (B, vocab) -> (B,) next tokens
+        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        return sample(logits, temperature, top_k, top_p, generator)
+
+    model.setup_cache(B, longest + steps)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = model(tokens, attention_mask=None if mask is None else mask[:, :longest],
+                           input_pos=0, logits_to_keep=1)[:, -1]                        # (B, vocab)
+            token = pick(logits)
+            stats["prefill_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i in range(steps):
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                seen[torch.arange(B, device=device), token] = True
+                stats["new_tokens"] = i + 1
+                stats["decode_s"] = time.perf_counter() - t1
+                yield token
+                done |= torch.isin(token, stop)
+                if bool(done.all()):
+                    break
+                if i == steps - 1:
+                    stats["context_limit"] = steps < max_new_tokens  # stopped by the context, not the user
+                    break
+                pos = longest + i
+                logits = step_fn(token, pos)
+                token = pick(logits)
+            stats["decode_s"] = time.perf_counter() - t1
+    finally:
+        model.clear_cache()
+
+
+def decode_step(model, token: torch.Tensor, pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decode step: token (B,) at cache slot `pos` -> logits (B, vocab)."""
+    return model(token[:, None], attention_mask=mask, input_pos=pos)[:, -1]
+
+
+def static_decode_step(model, token, slot, mask, positions) -> torch.Tensor:
+    """decode_step with static shapes: token (B,), slot (1,) tensor, mask (B, cache_len) or None,
+    positions (B, 1). Attention covers the whole cache, so every step has the same shapes."""
+    return model(token[:, None], attention_mask=mask, position_ids=positions, input_pos=slot)[:, -1]
+
+
+def compiled_decode_step(model):
+    """static_decode_step compiled once per model (on CUDA also captured as a CUDA graph)."""
+    if not hasattr(model, "_compiled_decode_step"):
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        model._compiled_decode_step = torch.compile(static_decode_step, mode=mode, fullgraph=True)
+    return model._compiled_decode_step
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=(), seed: int | None = None,
+             compile: bool = False, stats: dict | None = None):
+    """Yield new token ids one at a time for one prompt (stop token included, then stop)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    for token in generate_tokens(model, [list(prompt_ids)], max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                 stop_ids=stop_ids, generator=generator, compile=compile, stats=stats):
+        yield int(token[0])
+
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int = 0, stop_ids=(),
+                   seed: int | None = None, **sampling) -> list[list[int]]:
+    """Generate for several prompts at once; returns each row's new tokens (up to its stop token)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    out = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    stop = set(stop_ids)
+    for step in generate_tokens(model, prompts, max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                                generator=generator, **sampling):
+        for row, token in enumerate(step.tolist()):
+            if not finished[row]:
+                out[row].append(token)
+                finished[row] = token in stop
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
+        raise UsageError(f"{message} (see python generate.py --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description="Generate text with a Qwen2 / Qwen2.5 / Qwen2-MoE / Qwen3 checkpoint.")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
+    p.add_argument("--prompt", help="the user message (or, with --raw, the text to continue)")
+    p.add_argument("--system", help="system prompt (default: the checkpoint template's)")
+    p.add_argument("--raw", action="store_true", help="no chat template: plain text completion")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (Ctrl-D to quit)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default from generation_config.json)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="attention/MoE implementation (auto: Triton on CUDA when available)")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="Qwen3: let the model reason in <think> first (the template's default)")
+    think.add_argument("--no-think", dest="think", action="store_false", help="Qwen3: answer directly")
+    args = p.parse_args(argv)
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.chat and (args.prompt is None or not args.prompt.strip()):
+        raise UsageError("empty prompt: pass --prompt TEXT (or --chat for a conversation)")
+    if args.raw and args.chat:
+        raise UsageError("--raw and --chat do not go together")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"unknown --device {args.device!r} (use cuda, mps or cpu)") from None
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA GPU is available")
+    return args
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+class Printer:
+    """Streams decoded text to stdout; Qwen3's <think>...</think> goes to stderr (dim on a terminal)."""
+
+    def __init__(self, tokenizer):
+        from tokenizer import StreamDecoder
+        self.decoder = StreamDecoder(tokenizer)
+        self.think_open, self.think_close = tokenizer.token_id("<think>"), tokenizer.token_id("</think>")
+        self.thinking = False
+        self.dim = sys.stderr.isatty()
+
+    def write(self, text: str):
+        if not text:
+            return
+        if self.thinking:
+            sys.stderr.write(f"\033[2m{text}\033[0m" if self.dim else text)
+            sys.stderr.flush()
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def push(self, token: int):
+        if token in (self.think_open, self.think_close):
+            self.write(self.decoder.flush())
+            self.thinking = token == self.think_open
+            return
+        self.write(self.decoder.push(token))
+
+    def close(self):
+        self.write(self.decoder.flush())
+        self.thinking = False
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
+    """Stream one answer to stdout; returns its tokens (without the stop token)."""
+    printer, stats, new = Printer(tokenizer), {}, []
+    try:
+        for token in generate(model, prompt_ids, args.max_new_tokens, stats=stats, seed=args.seed,
+                              compile=args.compile, **settings):
+            if token in settings["stop_ids"]:
+                break
+            new.append(token)
+            printer.push(token)
+    except KeyboardInterrupt:
+        if not args.chat:
+            raise
+        log("\n[answer stopped]")  # Ctrl-C in --chat ends this answer; the conversation goes on
+    finally:
+        printer.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if stats.get("new_tokens"):
+            prefill, decode = stats["prefill_s"], stats.get("decode_s", 0.0)
+            log(f"[{stats['prompt_tokens']} prompt tokens, {stats['prompt_tokens'] / prefill:.1f} tok/s | "
+                f"{stats['new_tokens']} new tokens, "
+                f"{(stats['new_tokens'] - 1) / decode if decode > 0 else 0.0:.1f} tok/s | "
+                f"peak memory {peak_memory_gb(model.device):.2f} GB]")
+        if stats.get("context_limit"):
+            log(f"[stopped at the context length of {context_length(model)} tokens]")
+    return new
+
+
+def run(args) -> int:
+    device = torch.device(args.device or default_device())
+    log(f"loading {args.model} on {device}...")
+    t0 = time.perf_counter()
+    model, tokenizer, defaults = load(args.model, device=device, dtype=args.dtype)
+    model.set_kernels(args.kernels)
+    log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
+    chat_format = not args.raw and tokenizer.has_chat_template
+    stop_ids = set(defaults["eos_token_ids"])
+    for name in (("<|im_end|>", "<|endoftext|>") if chat_format else ("<|endoftext|>",)):
+        if tokenizer.token_id(name) is not None:
+            stop_ids.add(tokenizer.token_id(name))
+    settings = {
+        "temperature": defaults["temperature"] if args.temperature is None else args.temperature,
+        "top_k": defaults["top_k"] if args.top_k is None else args.top_k,
+        "top_p": defaults["top_p"] if args.top_p is None else args.top_p,
+        "repetition_penalty": (defaults["repetition_penalty"] if args.repetition_penalty is None
+                               else args.repetition_penalty),
+        "stop_ids": stop_ids,
+    }
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+
+    def prompt_ids(user_text):
+        if not chat_format:
+            return tokenizer.encode(user_text)
+        return tokenizer.encode_chat(messages + [{"role": "user", "content": user_text}],
+                                     enable_thinking=args.think)
+
+    if not args.chat:
+        answer(model, tokenizer, prompt_ids(args.prompt), settings, args)
+        return 0
+    log("chat: type a message, Enter to send; Ctrl-C stops an answer, Ctrl-D quits")
+    first = args.prompt
+    while True:
+        try:
+            user_text = first if first else input("> ")
+        except (EOFError, KeyboardInterrupt):
+            log("")
+            return 0
+        first = None
+        if not user_text.strip():
+            continue
+        try:
+            new = answer(model, tokenizer, prompt_ids(user_text), settings, args)
+        except UsageError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+            log(f"error: {e}")
+            continue
+        messages.append({"role": "user", "content": user_text})
+        messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=False)})
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as e:  # never a raw traceback from the CLI
+        if os.environ.get("QWEN_DEBUG"):
+            raise
+        log(f"error: {type(e).__name__}: {e} (set QWEN_DEBUG=1 to see the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
