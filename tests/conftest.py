@@ -59,3 +59,54 @@ def hub_available():
         return True
     except OSError:
         return False
+
+
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_tiny_tokenizer(folder, chat_template=QWEN25_TEMPLATE):
+    """A small byte-level BPE with Qwen's special tokens (ids follow the learned vocabulary)."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    text = ["Hello world, this is a tiny tokenizer for tests. def main(): print('hi')"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
+    if chat_template:
+        config["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return tok.get_vocab_size()
+
+
+@pytest.fixture
+def tiny_chat_checkpoint(tmp_path):
+    """A tiny random Qwen2 model with a tiny tokenizer and generation_config.json: a complete folder."""
+    import json
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    folder = tmp_path / "tiny-qwen2"
+    folder.mkdir()
+    vocab = write_tiny_tokenizer(str(folder))
+    save_tiny(folder, Qwen2Config, Qwen2ForCausalLM, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=200)
+    with open(folder / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [2, 0], "do_sample": False}, f)
+    return str(folder)
