@@ -1,0 +1,290 @@
+"""Measure generation speed: prefill and decode tokens/s, memory, and decode against the roofline.
+
+    python bench.py --preset qwen2-0.5b --device cuda --compile
+    python bench.py --preset cpu-qwen2 --compare transformers
+    python bench.py --model ~/.cache/qwen-testdata/qwen2.5-coder-0.5b-instruct --dtype float32 --compare transformers
+
+Presets use the published shapes on random weights (no download); the cpu-* presets keep the real
+widths with fewer layers so they fit a laptop. Batch-1 decoding reads every weight once per token,
+so its speed limit is memory bandwidth:
+
+    roofline tokens/s = copy bandwidth (bytes/s) / bytes read per decoded token
+
+where the bytes read are all weights except the embedding table (one row is looked up; tied
+embeddings are read in full by lm_head), only the K active experts of each MoE layer at batch 1,
+plus the KV cache. The copy bandwidth is measured in the same run (read + write of a large buffer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import generate
+import qwen2
+
+# Published shapes (config.json of each checkpoint), random weights.
+PRESETS = {
+    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                     max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                              num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                              max_position_embeddings=8192, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                          norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6,
+                          tie_word_embeddings=False),
+}
+CPU_LAYERS = {"cpu-qwen2": ("qwen2-0.5b", 4), "cpu-qwen1.5-moe": ("qwen1.5-moe-a2.7b", 2),
+              "cpu-qwen3-moe": ("qwen3-30b-a3b", 2)}
+for _name, (_base, _layers) in CPU_LAYERS.items():
+    PRESETS[_name] = {**PRESETS[_base], "num_hidden_layers": _layers}
+PRESETS["tiny"] = dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, tie_word_embeddings=True)
+
+# transformers' classes for --compare, by model_type
+HF_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+def model_class(module):
+    """The causal-LM class and config class a model file defines."""
+    lm = [v for k, v in vars(module).items() if k.endswith("ForCausalLM") and isinstance(v, type)]
+    cfg = [v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type)
+           and hasattr(v, "from_dict")]
+    return lm[0], cfg[0]
+
+
+def random_model(preset: dict, device, dtype, seed=0):
+    """Our model with random weights of the preset's shapes (std 0.02, norms 1), on device."""
+    module = generate.model_module(preset["model_type"])
+    lm_cls, cfg_cls = model_class(module)
+    config = cfg_cls.from_dict(preset)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = lm_cls(config)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dtype.is_floating_point:
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+        if getattr(config, "tie_word_embeddings", False):
+            model.lm_head.weight = model.model.embed_tokens.weight
+    model = model.to(dtype)
+    rebuild_buffers(model, module, config, device)
+    return model.eval()
+
+
+def rebuild_buffers(model, module, config, device):
+    """Non-persistent buffers (RoPE inverse frequencies) are not weights: recompute them."""
+    model.model.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
+
+
+def transformers_twin(model, preset: dict | None, folder: str | None, device, dtype):
+    """The same weights in transformers (eager attention is its default-free reference; SDPA is faster)."""
+    import transformers
+    if folder is not None:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        return hf.to(device).eval()
+    cfg_name, lm_name = HF_CLASSES[preset["model_type"]]
+    config = getattr(transformers, cfg_name)(**{k: v for k, v in preset.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = getattr(transformers, lm_name)(config)
+    hf.to_empty(device=device)
+    hf = hf.to(dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SystemExit(f"cannot copy weights into transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    rotary = hf.model.rotary_emb  # its buffers are not weights: recompute them (presets use plain RoPE)
+    rotary.inv_freq = type(rotary).compute_default_rope_parameters(config)[0].to(device)
+    rotary.original_inv_freq = rotary.inv_freq.clone()
+    return hf.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Roofline
+# ----------------------------------------------------------------------------------------------
+
+def copy_bandwidth(device, megabytes: int = 512) -> float:
+    """Bytes per second moved (read + write) by a large tensor copy on device: the practical limit."""
+    n = megabytes * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
+    """Bytes read from memory for one decode step: weights (embedding table excluded unless tied,
+    MoE experts: only the active ones at batch 1) plus the KV cache of `context` tokens."""
+    config = model.config
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        if name == "model.embed_tokens.weight" and not getattr(config, "tie_word_embeddings", False):
+            nbytes = p.shape[1] * p.element_size() * batch_size  # one row per token
+        elif ".mlp.experts." in name:
+            experts = p.shape[0]
+            active = min(experts, config.num_experts_per_tok * batch_size)
+            nbytes = nbytes * active // experts
+        total += nbytes
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * batch_size
+    return total + kv * model.dtype.itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# Timed runs
+# ----------------------------------------------------------------------------------------------
+
+def peak_memory_gb(device) -> float:
+    return generate.peak_memory_gb(device)
+
+
+def run_ours(model, prompts, new_tokens, compile: bool):
+    device = model.device
+    t0 = time.perf_counter()  # warm-up (and compile): a short generation with the same shapes
+    for _ in generate.generate_tokens(model, prompts, min(new_tokens, 8), compile=compile):
+        pass
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = {}
+    for _ in generate.generate_tokens(model, prompts, new_tokens, compile=compile, stats=stats):
+        pass
+    synchronize(device)
+    return {"prefill_tok_s": stats["prompt_tokens"] / stats["prefill_s"],
+            "decode_tok_s": len(prompts) * (stats["new_tokens"] - 1) / stats["decode_s"],
+            "peak_memory_gb": peak_memory_gb(device), "warmup_s": warmup_s}
+
+
+def run_transformers(hf, prompts, new_tokens):
+    device = next(hf.parameters()).device
+    x = torch.tensor(prompts, device=device)
+    with torch.inference_mode():
+        hf.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        synchronize(device)
+        t = time.perf_counter()
+        hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        synchronize(device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        synchronize(device)
+        total = time.perf_counter() - t
+    return {"prefill_tok_s": x.numel() / first,
+            "decode_tok_s": len(prompts) * (new_tokens - 1) / max(total - first, 1e-9)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="published shapes, random weights")
+    src.add_argument("--model", help="a real checkpoint: hub id or local folder")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, the checkpoint's own for --model, else float32")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on cuda)")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--compare", choices=["transformers"], help="also run the same weights through transformers")
+    p.add_argument("--json", help="append one JSON line per run to this file")
+    args = p.parse_args(argv)
+    if args.preset is None and args.model is None:
+        args.preset = "cpu-qwen2"
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = None
+    if args.model:
+        model, _, _ = generate.load(args.model, device=device, dtype=args.dtype)
+        folder, name = qwen2.resolve_checkpoint(args.model), args.model
+        preset = None
+    else:
+        dtype = qwen2.DTYPES[args.dtype] if args.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        preset, name = PRESETS[args.preset], args.preset
+        model = random_model(preset, device, dtype)
+    model.set_kernels(args.kernels)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=gen).tolist()
+
+    bandwidth = copy_bandwidth(device)
+    bytes_per_token = decode_bytes_per_token(model, args.batch_size, args.prompt_len + args.new_tokens // 2)
+    roofline = bandwidth / bytes_per_token * args.batch_size
+    rows = []
+    result = run_ours(model, prompts, args.new_tokens, args.compile)
+    rows.append({"impl": "ours" + (" compiled" if args.compile else "") + f" ({args.kernels})", **result})
+    if args.compare:
+        hf = transformers_twin(model, preset, folder, device, model.dtype)
+        rows.append({"impl": "transformers (sdpa)", **run_transformers(hf, prompts, args.new_tokens)})
+
+    header = (f"{name} | {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | "
+              f"{model.dtype} | batch {args.batch_size} | prompt {args.prompt_len} | new {args.new_tokens} | "
+              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | {bytes_per_token / 1e9:.3f} GB read per decode step | "
+              f"roofline {roofline:.1f} tok/s | torch {torch.__version__}")
+    print(header)
+    print()
+    print("| implementation | prefill tok/s | decode tok/s | % of roofline | peak memory GB | warm-up s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+              f"{100 * r['decode_tok_s'] / roofline:.0f}% | {r.get('peak_memory_gb', float('nan')):.2f} | "
+              f"{r.get('warmup_s', float('nan')):.1f} |")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"name": name, "device": str(device), "dtype": str(model.dtype),
+                                    "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+                                    "new_tokens": args.new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
+                                    "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
+                                    "torch": torch.__version__, **r}) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
