@@ -1,0 +1,324 @@
+"""Triton kernels (kernels/) against their plain-torch references.
+
+Without CUDA the kernels run in Triton's CPU interpreter (fp32/fp16: the interpreter computes
+bf16 wrongly) at small shapes; with CUDA the same tests run on the GPU, plus bf16 tests at the
+real Qwen shapes.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+REASON_NO_INTERPRETER = (
+    "triton was already imported for the GPU by an earlier test module, so this process cannot "
+    "switch to the CPU interpreter: test_kernels_in_fresh_process runs this file instead")
+
+# Without CUDA the kernels run in Triton's CPU interpreter. Triton fixes the mode of every
+# @triton.jit function (its own tl.zeros, tl.sum... included) when it is decorated, so
+# TRITON_INTERPRET=1 must be set before triton is first imported in this process. It is set
+# only around that import (and during this module's tests, see _interpreter_on) so that other
+# test modules keep running the model's torch path on CPU.
+_interpret_before = os.environ.get("TRITON_INTERPRET")
+_triton_was_imported = "triton" in sys.modules
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="triton is not installed: no kernels to test")
+
+import kernels.attention as attn  # noqa: E402
+import kernels.moe as moe  # noqa: E402
+
+if not CUDA:
+    if _interpret_before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret_before
+# Can the kernels run in this process? On CPU only if triton and kernels/ were both set up
+# for the interpreter.
+RUNS_HERE = CUDA or (attn.INTERPRET and moe.INTERPRET
+                     and (not _triton_was_imported or _interpret_before == "1"))
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_on(request, monkeypatch):
+    """Keep the interpreter switched on during each test (Triton also checks it at launch)."""
+    if not CUDA:
+        if not RUNS_HERE and request.function is not test_kernels_in_fresh_process:
+            pytest.skip(REASON_NO_INTERPRETER)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_kernels_in_fresh_process():
+    """Fallback for a combined test run on CPU: run this file in its own interpreter process."""
+    if RUNS_HERE:
+        pytest.skip("the kernel tests ran in this process")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 at real model shapes)")
+
+TOL = {  # (atol, rtol) against a float32 reference computed from the same inputs
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def assert_close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------
+def make_qkv(B, H, KVH, T, S, D, dtype, device=DEVICE, seed=0):
+    """q (B, H, T, D); k, v as (B, KVH, S, D) views into a longer cache, like the model's."""
+    g = torch.Generator(device).manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, device=device).to(dtype)
+    cache = torch.randn(2, B, KVH, S + 9, D, generator=g, device=device).to(dtype)
+    return q, cache[0, :, :, :S], cache[1, :, :, :S]
+
+
+def naive_attention(q, k, v, start, pad, window, scale):
+    """Independent spec: one query row at a time, listing its visible keys explicitly."""
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv = h * KVH // H  # consecutive query heads share a KV head
+            for i in range(T):
+                p = start + i
+                keys = [j for j in range(S)
+                        if j <= p and j >= pad[b] and (window is None or p - j < window)]
+                if not keys:
+                    continue  # padding row: zeros
+                kk, vv = k[b, kv, keys].double(), v[b, kv, keys].double()  # (n, D)
+                w = torch.softmax(kk @ q[b, h, i].double() * scale, dim=0)  # (n,)
+                out[b, h, i] = w @ vv
+    return out
+
+
+@pytest.mark.parametrize("B,H,KVH,T,S,start,window,pad", [
+    (2, 4, 2, 6, 6, 0, None, [0, 2]),
+    (2, 4, 4, 3, 11, 8, None, None),
+    (2, 6, 2, 5, 11, 6, 3, [1, 9]),  # row 1 starts as padding
+    (1, 3, 1, 1, 9, 8, 4, None),
+])
+def test_reference_matches_naive(B, H, KVH, T, S, start, window, pad):
+    D = 16
+    q, k, v = make_qkv(B, H, KVH, T, S, D, torch.float32, device="cpu")
+    pad_t = None if pad is None else torch.tensor(pad)
+    expected = naive_attention(q, k, v, start, pad or [0] * B, window, 0.3)
+    actual = attn.attention_reference(q, k, v, start, pad_t, window, scale=0.3)
+    torch.testing.assert_close(actual.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+ATTN_CASES = [
+    # B, H, KVH, T,  S,  D,  start, window, pad
+    (1, 2, 2, 7, 7, 64, 0, None, None),  # plain causal prefill, MHA
+    (2, 4, 2, 33, 40, 64, 7, None, None),  # chunked prefill over a cache, G=2
+    (2, 7, 1, 7, 20, 128, 13, 5, [3, 15]),  # G=7, window, row 1 partly padding
+    (2, 4, 2, 33, 33, 64, 0, 8, [0, 5]),  # window smaller than T, left padding
+    (1, 2, 1, 1, 17, 64, 16, None, None),  # T=1 through the prefill kernel
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,T,S,D,start,window,pad", ATTN_CASES)
+def test_prefill_attention(B, H, KVH, T, S, D, start, window, pad, dtype):
+    q, k, v = make_qkv(B, H, KVH, T, S, D, dtype)
+    pad = None if pad is None else torch.tensor(pad, device=DEVICE)
+    out = attn.prefill_attention(q, k, v, start, pad, window)
+    ref = attn.attention_reference(q, k, v, start, pad, window)
+    assert out.shape == (B, H, T, D)
+    assert_close(out, ref, dtype)
+    if pad is not None:  # padding rows are exactly zero
+        rows = torch.arange(T, device=DEVICE) + start < pad[:, None]  # (B, T)
+        assert (out.transpose(1, 2)[rows] == 0).all()
+
+
+DECODE_CASES = [
+    # B, H, KVH, S,  D,  start, window, pad        (interpreter chunks are 32 keys)
+    (1, 2, 2, 100, 64, 99, None, None),  # MHA, 4 chunks
+    (2, 4, 2, 70, 128, 66, None, [0, 50]),  # G=2, cache longer than start+1, padding
+    (2, 14, 2, 130, 64, 129, 40, [0, 120]),  # G=7, window spans 2 chunks
+    (2, 7, 1, 45, 64, 30, None, [40, 3]),  # row 0 is all padding -> zeros
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,S,D,start,window,pad", DECODE_CASES)
+def test_decode_attention(B, H, KVH, S, D, start, window, pad, dtype):
+    q, k, v = make_qkv(B, H, KVH, 1, S, D, dtype)
+    pad = None if pad is None else torch.tensor(pad, device=DEVICE)
+    out = attn.decode_attention(q, k, v, start, pad, window)
+    ref = attn.attention_reference(q, k, v, start, pad, window)
+    assert out.shape == (B, H, 1, D)
+    assert_close(out, ref, dtype)
+    if pad is not None:
+        assert (out[start < pad] == 0).all()
+
+
+@pytest.mark.parametrize("D", [16, 256])
+def test_attention_dispatch_odd_head_dims_and_strides(D):
+    """attention() picks the right kernel; q may be a transposed (B, T, H, D) view; any scale."""
+    B, H, KVH, S = 1, 4, 2, 24
+    dtype = torch.float32 if D <= 128 else torch.float16  # float32 x 256 exceeds GPU shared memory
+    for T, start in [(1, 23), (5, 19)]:
+        x = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+        q = x.transpose(1, 2)  # (B, H, T, D), non-contiguous
+        _, k, v = make_qkv(B, H, KVH, T, S, D, dtype)
+        out = attn.attention(q, k, v, start, scale=0.1)
+        assert_close(out, attn.attention_reference(q, k, v, start, scale=0.1), dtype)
+
+
+def test_attention_supports(monkeypatch):
+    q = torch.zeros(1, 4, 3, 64, device=DEVICE)
+    k = torch.zeros(1, 2, 3, 64, device=DEVICE)
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter counts only while it is on
+    assert attn.supports(q, k)
+    assert attn.supports(q.half(), k.half())
+    assert attn.supports(q.bfloat16(), k.bfloat16()) == CUDA  # interpreter: bf16 is wrong
+    assert not attn.supports(q.double(), k.double())
+    assert not attn.supports(q[..., :48], k[..., :48])  # head_dim not a power of two
+    assert not attn.supports(q[:, :3], k)  # 3 query heads, 2 KV heads
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not attn.supports(q, k)
+
+
+# ----------------------------------------------------------------------------------------
+# MoE
+# ----------------------------------------------------------------------------------------
+def make_moe(N, E, K, Hd, I, dtype, device=DEVICE, used_experts=None, seed=0):
+    """Random tokens, experts and a softmax-top-k router limited to `used_experts`."""
+    g = torch.Generator(device).manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    x = randn(N, Hd).to(dtype)
+    w_gate_up = (randn(E, 2 * I, Hd) / Hd**0.5).to(dtype)
+    w_down = (randn(E, Hd, I) / I**0.5).to(dtype)
+    logits = randn(N, E)
+    if used_experts is not None:
+        logits[:, used_experts:] = float("-inf")  # experts >= used_experts get no token
+    topk_weights, topk_ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)  # float32, int64
+    return x, w_gate_up, w_down, topk_ids, topk_weights
+
+
+MOE_CASES = [
+    # N, E,  K, Hd, I,  used experts
+    (1, 8, 1, 64, 48, None),  # decode, top-1
+    (1, 16, 8, 48, 40, None),  # decode, top-8
+    (45, 5, 4, 72, 40, None),  # prefill-like: 36 pairs per expert -> 64-row blocks
+    (37, 16, 8, 48, 56, None),  # 18 pairs per expert -> 32-row blocks
+    (13, 8, 2, 40, 24, 4),  # half of the experts are empty
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,E,K,Hd,I,used", MOE_CASES)
+def test_fused_moe(N, E, K, Hd, I, used, dtype):
+    x, w_gate_up, w_down, ids, weights = make_moe(N, E, K, Hd, I, dtype, used_experts=used)
+    out = moe.fused_moe(x, w_gate_up, w_down, ids, weights)
+    ref = moe.fused_moe_reference(x, w_gate_up, w_down, ids, weights)
+    assert out.shape == (N, Hd)
+    assert_close(out, ref, dtype)
+
+
+def test_fused_moe_reads_only_routed_experts():
+    """Experts that get no token launch no work: poisoning their weights changes nothing."""
+    x, w_gate_up, w_down, ids, weights = make_moe(3, 10, 2, 32, 32, torch.float32)
+    unused = torch.ones(10, dtype=torch.bool)
+    unused[ids.flatten().cpu()] = False
+    w_gate_up[unused.to(DEVICE)] = float("nan")
+    w_down[unused.to(DEVICE)] = float("nan")
+    out = moe.fused_moe(x, w_gate_up, w_down, ids, weights)
+    assert out.isfinite().all()
+    assert_close(out, moe.fused_moe_reference(x, w_gate_up, w_down, ids, weights), torch.float32)
+
+
+def test_group_pairs_by_expert():
+    """Each block holds pairs of one expert; every pair appears once; empty experts get no block."""
+    ids = torch.tensor([[3, 0], [3, 5], [0, 3], [3, 1]])  # N=4, K=2, E=7
+    block_m = 2
+    pair_ids, block_expert = moe._group_pairs_by_expert(ids, 7, block_m)
+    flat = ids.flatten()
+    P = flat.numel()
+    assert sorted(p for p in pair_ids.tolist() if p < P) == list(range(P))
+    used_blocks = block_expert[block_expert >= 0]
+    assert sorted(set(used_blocks.tolist())) == [0, 1, 3, 5]
+    for b, e in enumerate(block_expert.tolist()):
+        rows = pair_ids[b * block_m:(b + 1) * block_m]
+        real = rows[rows < P].long()
+        if e < 0:
+            assert real.numel() == 0
+        else:
+            assert real.numel() > 0 and (flat[real] == e).all()
+    # expert 3 has 4 pairs -> 2 blocks; experts 0, 1, 5 one block each
+    assert used_blocks.tolist().count(3) == 2 and used_blocks.numel() == 5
+
+
+def test_moe_supports(monkeypatch):
+    x = torch.zeros(2, 64, device=DEVICE)
+    w = torch.zeros(4, 32, 64, device=DEVICE)
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert moe.supports(x, w) and moe.supports(x.half(), w.half())
+    assert moe.supports(x.bfloat16(), w.bfloat16()) == CUDA
+    assert not moe.supports(x, w[:, :, :32])
+    assert not moe.supports(x.double(), w.double())
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA: bf16 at real model shapes
+# ----------------------------------------------------------------------------------------
+REAL_ATTN = {"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)}  # H, KVH, D
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(REAL_ATTN))
+def test_cuda_prefill_bf16_real_shapes(model):
+    H, KVH, D = REAL_ATTN[model]
+    pad = torch.tensor([0, 37], device="cuda")
+    for T, S, start, window in [(517, 517, 0, None), (300, 1324, 1024, None), (700, 700, 0, 256)]:
+        q, k, v = make_qkv(2, H, KVH, T, S, D, torch.bfloat16, device="cuda")
+        out = attn.prefill_attention(q, k, v, start, pad, window)
+        assert_close(out, attn.attention_reference(q, k, v, start, pad, window), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(REAL_ATTN))
+def test_cuda_decode_bf16_real_shapes(model):
+    H, KVH, D = REAL_ATTN[model]
+    for B, S, window, pad in [(1, 4096, None, None), (3, 5000, 1024, [0, 100, 4990]),
+                              (1, 32768, None, None)]:
+        q, k, v = make_qkv(B, H, KVH, 1, S, D, torch.bfloat16, device="cuda")
+        pad = None if pad is None else torch.tensor(pad, device="cuda")
+        out = attn.decode_attention(q, k, v, S - 1, pad, window)
+        assert_close(out, attn.attention_reference(q, k, v, S - 1, pad, window), torch.bfloat16)
+
+
+REAL_MOE = {"qwen1.5-moe": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, Hd, I
+
+
+@needs_cuda
+@pytest.mark.parametrize("N", [1, 16, 300])
+@pytest.mark.parametrize("model", list(REAL_MOE))
+def test_cuda_fused_moe_bf16_real_shapes(model, N):
+    E, K, Hd, I = REAL_MOE[model]
+    x, w_gate_up, w_down, ids, weights = make_moe(N, E, K, Hd, I, torch.bfloat16, device="cuda")
+    out = moe.fused_moe(x, w_gate_up, w_down, ids, weights)
+    ref = moe.fused_moe_reference(x, w_gate_up, w_down, ids, weights)
+    assert_close(out, ref, torch.bfloat16)
