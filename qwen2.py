@@ -306,12 +306,12 @@ class Attention(nn.Module):
     def attend(self, q, k, v, input_pos, key_mask, masks):
         scale = self.head_dim ** -0.5
         start = 0 if input_pos is None else input_pos
-        if (self.kernels in ("auto", "triton") and triton_attention is not None and not torch.is_tensor(start)
-                and triton_attention.supports(q, k)):
+        # The Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU interpreter).
+        # It takes an int start; the static (tensor input_pos) decode path stays on SDPA.
+        wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
+        if wanted and triton_attention is not None and not torch.is_tensor(start) and triton_attention.supports(q, k):
             pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
             return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
-        if self.kernels == "triton":
-            raise RuntimeError("kernels='triton' but the Triton attention kernel cannot take these tensors")
         mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
         if self.kernels == "reference":
             if mask is None:  # spell out the causal mask for the reference path
