@@ -27,6 +27,9 @@ module = importlib.import_module(MODULE)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 assert module.triton_attention is not None, "kernels.attention did not import"
+calls = []
+kernel = module.triton_attention.attention
+module.triton_attention.attention = lambda *a, **kw: calls.append(a[0].shape[2]) or kernel(*a, **kw)
 hf_config_cls, hf_model_cls = (getattr(transformers, n) for n in HF_CLASSES)
 folder, _ = save_tiny(pathlib.Path(tempfile.mkdtemp()), hf_config_cls, hf_model_cls, **CONFIG)
 model = module.from_pretrained(folder, device=device, dtype=dtype)
@@ -43,6 +46,7 @@ model.set_kernels("torch"); expected = generate.generate_batch(model, prompts, 6
 model.set_kernels("triton"); tokens = generate.generate_batch(model, prompts, 6)
 if dtype == torch.float32:
     assert tokens == expected, (tokens, expected)
+assert 1 in calls and 21 in calls, "the Triton kernels were not used for both prefill and decode"
 print("ok", err)
 '''
 
