@@ -118,7 +118,9 @@ def render_chatml(messages, default_system, add_generation_prompt) -> str:
 
 
 def split_thinking(content: str) -> tuple[str, str]:
-    """An assistant message "<think>\\nreasoning\\n</think>\\n\\nanswer" -> (reasoning, answer)."""
+    """An assistant message "<think>\\nreasoning\\n</think>\\n\\nanswer" -> (reasoning, answer), cut as
+    Qwen3's template cuts it: reasoning = before the last </think>, after the last <think>; answer =
+    after the last </think>, leading newlines dropped. No </think>: ("", content)."""
     if THINK_CLOSE not in content:
         return "", content
     reasoning = content.split(THINK_CLOSE)[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
@@ -126,18 +128,29 @@ def split_thinking(content: str) -> tuple[str, str]:
 
 
 def render_qwen3(messages, add_generation_prompt, enable_thinking) -> str:
-    """Qwen3: no default system prompt; assistant turns before the last user message lose their
-    <think> block; later ones keep it; enable_thinking=False pre-fills an empty think block."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    """Qwen3's chat template, written out (checked token for token in tests/test_qwen3_chat.py).
+
+    No default system prompt. The last "query" is the last user message that is not just a
+    <tool_response>. Assistant turns up to it lose their <think> block; later ones keep it,
+    re-spaced as "<think>\\nreasoning\\n</think>\\n\\nanswer" (the final message always gets one,
+    empty if need be). A message's "reasoning_content" field, when a string, is its reasoning and
+    its content is then taken whole. enable_thinking=False pre-fills an empty think block after
+    the generation prompt so the model answers directly; True/None let the model open its own."""
+    def is_query(m):  # a user message that is not just a tool's answer
+        return m["role"] == "user" and not (m["content"].startswith("<tool_response>")
+                                             and m["content"].endswith("</tool_response>"))
+
+    last_query = next((i for i in reversed(range(len(messages))) if is_query(messages[i])), len(messages) - 1)
     text = ""
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "assistant":
-            reasoning, answer = split_thinking(content)
-            if i > last_user and (i == len(messages) - 1 or reasoning):
-                content = f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{answer.lstrip(chr(10))}"
+            if isinstance(m.get("reasoning_content"), str):
+                reasoning = m["reasoning_content"]
             else:
-                content = answer
+                reasoning, content = split_thinking(content)
+            if i > last_query and (i == len(messages) - 1 or reasoning):
+                content = f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content.lstrip(chr(10))}"
         text += turn(role, content)
     if add_generation_prompt:
         text += f"{IM_START}assistant\n"

@@ -1,0 +1,847 @@
+"""Qwen3 and Qwen3-MoE in one file (Hugging Face `model_type` "qwen3_moe", and dense "qwen3").
+
+A decoder-only transformer, read top to bottom:
+
+    tokens -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
+    DecoderLayer(x):  x = x + Attention(RMSNorm(x));  x = x + FeedForward(RMSNorm(x))
+    FeedForward = SparseMoeBlock on the sparse layers, a dense SwiGLU MLP on the others
+
+* RMSNorm: normalise in float32, cast back to the input dtype, then multiply by the weight.
+* Attention: grouped-query attention with an explicit head_dim; each query and key head is
+  RMS-normalised over head_dim (`q_norm`, `k_norm`) before rotary position embeddings (half-split
+  `rotate_half` form); optional sliding window.
+* Mixture of experts: a router (`mlp.gate`) scores the E experts per token in float32, keeps the
+  top k, optionally renormalises their probabilities, and the token's output is the weighted sum of
+  those k experts' SwiGLU MLPs. Experts are stored stacked, as transformers 5 keeps them in memory:
+  `mlp.experts.gate_up_proj` (E, 2*I, H) and `mlp.experts.down_proj` (E, H, I).
+* KV cache: preallocated per layer and written at the current positions, so the same forward
+  serves the prompt (prefill) and one-token decode steps.
+
+What differs from Qwen2 (qwen2.py):
+* `q_norm` / `k_norm`: per-head RMSNorm on queries and keys (before RoPE).
+* explicit `head_dim` (128 in the published checkpoints), so q_proj may be wider than hidden_size.
+* bias on q/k/v *and* o_proj, only when `attention_bias` (false in every published checkpoint).
+* sliding window: Qwen3-MoE slides on every layer when `use_sliding_window` (max_window_layers is
+  unused); dense Qwen3 keeps Qwen2's rule (`layer_types`, else layer i slides iff i >= max_window_layers).
+* most MLPs are mixtures of experts (dense Qwen3: none are).
+What differs from Qwen2-MoE (qwen2_moe.py):
+* no shared expert and no shared-expert gate.
+* `norm_topk_prob` is true in Qwen3-30B-A3B / 235B-A22B (false in Qwen1.5-MoE): read from config.json.
+* the attention differences above; Qwen2-MoE's sliding rule (even layers below max_window_layers)
+  does not apply.
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_norm.weight`, ...); hub checkpoints
+store one tensor per expert (`model.layers.L.mlp.experts.E.gate_proj.weight`, ...), stacked at load.
+transformers' `modeling_qwen3_moe.py` and `modeling_qwen3.py` are the semantics we match.
+
+References:
+  Qwen3 technical report, https://arxiv.org/abs/2505.09388
+  Switch Transformers (load-balancing loss), https://arxiv.org/abs/2101.03961
+  RoFormer (rotary embeddings), https://arxiv.org/abs/2104.09864
+  GQA, https://arxiv.org/abs/2305.13245 ; YaRN, https://arxiv.org/abs/2309.00071
+  RMSNorm, https://arxiv.org/abs/1910.07467 ; SwiGLU, https://arxiv.org/abs/2002.05202
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional Triton kernels, used on CUDA when the `kernels` package sits next to this file
+    import importlib
+    triton_attention = importlib.import_module("kernels.attention")
+except Exception:  # a copy of this file alone, no triton, no GPU: the torch path serves
+    triton_attention = None
+try:
+    triton_moe = importlib.import_module("kernels.moe")
+except Exception:
+    triton_moe = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Qwen3MoeConfig:
+    vocab_size: int = 151936            # tokens in the vocabulary
+    hidden_size: int = 2048             # width of the residual stream
+    intermediate_size: int = 6144       # width of the dense MLPs' hidden layer (layers without experts)
+    num_hidden_layers: int = 24         # decoder layers
+    num_attention_heads: int = 32       # query heads
+    num_key_value_heads: int = 4        # key/value heads (GQA); equal to query heads = plain MHA
+    head_dim: int | None = None         # size of one head; None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768  # context length the model was trained for
+    rms_norm_eps: float = 1e-6          # epsilon inside every RMSNorm (q_norm and k_norm included)
+    rope_theta: float = 10000.0         # RoPE base wavelength
+    rope_type: str = "default"          # "default", "linear", "dynamic" or "yarn"
+    rope_scaling: dict | None = None    # the scaling parameters (factor, original_max_position_embeddings, ...)
+    attention_bias: bool = False        # bias on q/k/v/o projections
+    tie_word_embeddings: bool = False   # lm_head shares the embedding matrix
+    use_sliding_window: bool = False    # turn sliding-window attention on
+    sliding_window: int | None = 4096   # keys a sliding layer sees, itself included
+    max_window_layers: int = 28         # dense Qwen3 without layer_types: layers i >= this one slide
+    layer_types: list | None = None     # per layer "full_attention" / "sliding_attention" (derived; dense
+                                        # Qwen3 reads it from config.json, Qwen3-MoE ignores it as transformers does)
+    num_experts: int = 128              # routed experts per sparse layer (0: every layer dense)
+    num_experts_per_tok: int = 8        # experts each token is sent to (top-k)
+    moe_intermediate_size: int = 768    # width of one expert's hidden layer
+    norm_topk_prob: bool = False        # renormalise the top-k probabilities to sum to 1
+    decoder_sparse_step: int = 1        # layer i is sparse iff (i + 1) % decoder_sparse_step == 0 ...
+    mlp_only_layers: list | None = None  # ... and i is not listed here
+    output_router_logits: bool = False  # keep router logits and add the aux loss by default
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the LM loss
+    hidden_act: str = "silu"            # MLP activation (Qwen3 only ever uses SiLU)
+    torch_dtype: str | None = None      # dtype the checkpoint was saved in, e.g. "bfloat16"
+    model_type: str = "qwen3_moe"       # "qwen3_moe", or "qwen3" (dense)
+
+    def __post_init__(self):
+        if self.model_type not in ("qwen3_moe", "qwen3"):
+            raise ValueError(f"model_type {self.model_type!r} is not qwen3_moe or qwen3")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.rope_type not in ("default", "linear", "dynamic", "yarn"):
+            raise ValueError(f"unsupported RoPE type {self.rope_type!r} (supported: default, linear, dynamic, yarn)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (Qwen3 uses silu)")
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+        if self.model_type == "qwen3":
+            self.num_experts = 0  # dense Qwen3: every layer is a plain MLP
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                             f"({self.num_experts})")
+        slides = self.use_sliding_window and self.sliding_window is not None
+        if self.model_type == "qwen3_moe":
+            # transformers' Qwen3MoeModel builds one mask for every layer: sliding iff use_sliding_window.
+            self.layer_types = ["sliding_attention" if slides else "full_attention"] * self.num_hidden_layers
+        elif self.layer_types is None:
+            # dense Qwen3 (Qwen3Config): Qwen2's rule, layer i slides iff i >= max_window_layers.
+            self.layer_types = ["sliding_attention" if slides and i >= self.max_window_layers else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` in keys, or None for full causal attention."""
+        if self.layer_types[layer] != "sliding_attention":
+            return None
+        if not self.use_sliding_window or not self.sliding_window:
+            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no sliding window")
+        return self.sliding_window
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts (transformers' Qwen3MoeDecoderLayer rule)."""
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3MoeConfig":
+        """Build from a config.json dict: classic keys (`rope_theta`, `rope_scaling`) or the newer
+        `rope_parameters`; `num_local_experts` (written by transformers 5) for `num_experts`;
+        unknown keys are ignored. Keys absent from a dense "qwen3" config take Qwen3Config's defaults."""
+        model_type = d.get("model_type", "qwen3_moe")
+        known = {f.name for f in fields(cls)}
+        kwargs = dict(QWEN3_DENSE_DEFAULTS) if model_type == "qwen3" else {}
+        kwargs.update({k: v for k, v in d.items() if k in known and k not in ("rope_scaling", "rope_type")})
+        if "num_experts" not in d and "num_local_experts" in d:
+            kwargs["num_experts"] = d["num_local_experts"]
+        if model_type != "qwen3":
+            kwargs.pop("layer_types", None)  # Qwen3-MoE derives it from use_sliding_window alone
+        if "num_key_value_heads" in kwargs and kwargs["num_key_value_heads"] is None:
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype")
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+        kwargs["rope_theta"] = float(rope.pop("rope_theta", d.get("rope_theta", cls.rope_theta)))
+        kwargs["rope_type"] = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        kwargs["rope_scaling"] = rope or None
+        return cls(**kwargs)
+
+
+# transformers' Qwen3Config defaults where they differ from Qwen3MoeConfig's (used for keys absent
+# from a dense config.json; every published config spells these out anyway).
+QWEN3_DENSE_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                        "num_key_value_heads": 32, "head_dim": 128}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)  # cast back *before* the weight: matches transformers in bf16
+
+
+def rope_frequencies(config: Qwen3MoeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale for the config's RoPE type.
+
+    `seq_len` only matters for "dynamic" (NTK) scaling, which raises the base once the sequence
+    grows past max_position_embeddings.
+    """
+    dim, base, p = config.head_dim, config.rope_theta, dict(config.rope_scaling or {})
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim  # (dim/2,)
+    if config.rope_type == "default":
+        return 1.0 / base ** exponents, 1.0
+    if config.rope_type == "linear":  # positions divided by factor == frequencies divided by factor
+        return 1.0 / base ** exponents / p["factor"], 1.0
+    if config.rope_type == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = max(seq_len or max_pos, max_pos)
+        base = base * ((p["factor"] * seq_len / max_pos) - (p["factor"] - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** exponents, 1.0
+    # YaRN: interpolate the low frequencies, keep (extrapolate) the high ones, ramp in between.
+    original = p.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = p.get("factor") or config.max_position_embeddings / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations):  # the dimension whose wavelength turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
+    pos_freqs = base ** exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (B, T) integer positions; returns cos, sin of shape (B, T, head_dim) in `dtype`.
+        inv_freq, scaling = self.inv_freq, self.attention_scaling
+        if self.config.rope_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq, scaling = rope_frequencies(self.config, seq_len)
+                inv_freq = inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq.float()  # (B, T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                   # (B, T, head_dim)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim), broadcast over heads
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Which keys each query may see: (B or 1, 1, T, S) booleans.
+
+    Query i sits at cache slot q_slots[i]; key slot j is visible when j <= q_slots[i] (causal),
+    j > q_slots[i] - window (sliding window: exactly `window` keys, itself included) and
+    key_mask[b, j] (0 marks left padding).
+    """
+    q = q_slots[:, None]                                         # (T, 1)
+    k = torch.arange(S, device=q_slots.device)[None, :]          # (1, S)
+    visible = k <= q
+    if window is not None:
+        visible = visible & (k > q - window)
+    visible = visible[None, None]                                # (1, 1, T, S)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :S].bool()   # (B, 1, T, S)
+        # A padding query sees no key; let it see itself so its softmax stays finite (output unused).
+        visible = visible | (k == q)
+    return visible
+
+
+def reference_attention(q, k, v, mask, scale):
+    """Attention spelled out, exactly as transformers' eager path computes it.
+
+    q: (B, H, T, D); k, v: (B, KVH, S, D); mask: (B|1, 1, T, S) bool or None (= all visible).
+    The H query heads are grouped G = H // KVH at a time onto their key/value head by a reshape,
+    so the repeated K/V never exists in memory.
+    """
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    qg = q.view(B, KVH, H // KVH, T, D)                                 # (B, KVH, G, T, D)
+    scores = qg @ k[:, :, None].transpose(-1, -2) * scale               # (B, KVH, G, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v[:, :, None]).view(B, H, T, D)                     # (B, H, T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts: three implementations of one function (plus kernels.moe.fused_moe on CUDA)
+#
+#   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
+#
+#   x (N, H), w_gate_up (E, 2I, H) [gate rows, then up rows], w_down (E, H, I),
+#   topk_ids (N, K) int, topk_weights (N, K) in x.dtype  ->  (N, H) in x.dtype
+# ----------------------------------------------------------------------------------------------
+
+def moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """Readable reference, the loop of transformers' eager Qwen3MoeExperts: for every expert that
+    received tokens, gather them, run that expert's SwiGLU, add the output weighted by the routing
+    weight into the tokens' rows."""
+    out = torch.zeros_like(x)                                             # (N, H)
+    for e in topk_ids.unique().tolist():
+        token, slot = torch.where(topk_ids == e)                          # tokens sent to e, and which of their k
+        gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)      # (n_e, I) each
+        y = F.linear(F.silu(gate) * up, w_down[e])                        # (n_e, H)
+        out.index_add_(0, token, y * topk_weights[token, slot, None])
+    return out
+
+
+def moe_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """Fast torch path. The N*K (token, expert) pairs are sorted by expert so each active expert
+    works on one contiguous block of rows: two matmuls per active expert on its weight slices, no
+    per-expert masking or searching. Experts that received no token are never read (at batch-1
+    decode: exactly the K routed experts). Weighted outputs are summed per token in float32."""
+    N, K = topk_ids.shape
+    I = w_down.shape[2]
+    pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
+    order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
+    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert
+    token = order // K                                                    # (P,) token of each sorted pair
+    xs = x[token]                                                         # (P, H) rows in expert order
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            gate, up = F.linear(xs[start:start + n], w_gate_up[e]).chunk(2, dim=-1)  # (n, I) each
+            outs.append(F.linear(F.silu(gate) * up, w_down[e]))           # (n, H)
+            start += n
+    y = torch.cat(outs) * topk_weights.reshape(-1)[order, None]           # (P, H) weighted, expert order
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # (N, H)
+    return out.index_add_(0, token, y.float()).to(x.dtype)
+
+
+def moe_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """Static-shape path for torch.compile / CUDA graphs (no data-dependent shapes or host syncs):
+    each pair gathers its expert's weights and runs one batched matmul. Meant for decode (few
+    tokens): it copies N*K experts' weights."""
+    N, K = topk_ids.shape
+    pair_expert = topk_ids.reshape(-1)                                    # (P,)
+    xs = x.repeat_interleave(K, dim=0)                                    # (P, H)
+    gate_up = torch.bmm(w_gate_up[pair_expert], xs[:, :, None]).squeeze(-1)  # (P, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
+    y = torch.bmm(w_down[pair_expert], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (P, H)
+    y = y * topk_weights.reshape(-1, 1)                                   # (P, H)
+    return y.view(N, K, -1).float().sum(1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KVH, T, D) at cache slots input_pos .. input_pos + T - 1.
+
+        input_pos an int: return the slots written so far, (B, KVH, input_pos + T, D).
+        input_pos a (T,) tensor of slots (static shapes for torch.compile / CUDA graphs): return
+        the whole cache, (B, KVH, max_len, D); the attention mask hides the unwritten slots.
+        """
+        if torch.is_tensor(input_pos):
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        end = input_pos + k.shape[2]
+        self.k[:, :, input_pos:end] = k
+        self.v[:, :, input_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        self.window = config.window(layer)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # over head_dim, shared by all heads
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.cache: KVCache | None = None
+        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by Qwen3MoeForCausalLM.set_kernels
+
+    def forward(self, x, cos, sin, input_pos, key_mask, masks):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KVH, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, KVH, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(input_pos, k, v)                                   # (B, KVH, S, D)
+        out = self.attend(q, k, v, input_pos, key_mask, masks)                            # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, input_pos, key_mask, masks):
+        scale = self.head_dim ** -0.5
+        start = 0 if input_pos is None else input_pos
+        if (self.kernels in ("auto", "triton") and triton_attention is not None and not torch.is_tensor(start)
+                and triton_attention.supports(q, k)):
+            pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
+            return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
+        if self.kernels == "triton":
+            raise RuntimeError("kernels='triton' but the Triton attention kernel cannot take these tensors")
+        mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
+        if self.kernels == "reference":
+            if mask is None:  # spell out the causal mask for the reference path
+                slots = torch.arange(start, start + q.shape[2], device=q.device)
+                mask = visibility_mask(slots, k.shape[2], None, None)
+            return reference_attention(q, k, v, mask, scale)
+        if mask is None and q.shape[2] > 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU MLP: the layers without experts (every layer of dense Qwen3)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x, router_logits=None):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked: gate_up_proj (E, 2I, H), rows [0, I) expert e's
+    gate projection and rows [I, 2I) its up projection; down_proj (E, H, I)."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        nn.init.normal_(self.gate_up_proj, std=0.02)  # a no-op on the meta device (from_pretrained)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config)
+        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by Qwen3MoeForCausalLM.set_kernels
+
+    def route(self, x: torch.Tensor):
+        """x (N, H) -> router logits (N, E) in x.dtype, top-k expert ids (N, K), their weights (N, K)."""
+        logits = self.gate(x)                                                 # (N, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)            # (N, E)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)                  # (N, K) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, ids, weights.to(logits.dtype)
+
+    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)                                               # (N, H)
+        logits, ids, weights = self.route(x)
+        if router_logits is not None:
+            router_logits.append(logits)
+        w_gate_up, w_down = self.experts.gate_up_proj, self.experts.down_proj
+        if self.kernels == "reference":
+            out = moe_reference(x, w_gate_up, w_down, ids, weights)
+        elif self.kernels in ("auto", "triton") and triton_moe is not None and triton_moe.supports(x, w_gate_up):
+            out = triton_moe.fused_moe(x, w_gate_up, w_down, ids, weights)
+        elif self.kernels == "triton":
+            raise RuntimeError("kernels='triton' but the Triton MoE kernel cannot take these tensors")
+        elif torch.compiler.is_compiling():
+            out = moe_gathered(x, w_gate_up, w_down, ids, weights)
+        else:
+            out = moe_grouped(x, w_gate_up, w_down, ids, weights)
+        return out.view(B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (SparseMoeBlock(config) if config.is_sparse(layer)
+                    else MLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x, cos, sin, input_pos, key_mask, masks, router_logits):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, key_mask, masks)
+        return x + self.mlp(self.post_attention_layernorm(x), router_logits)
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """Qwen3-MoE (and dense Qwen3). After a forward with router logits on (`output_router_logits`
+    argument, else the config's), `self.router_logits` holds a tuple with one (B*T, E) tensor per
+    sparse layer and `self.aux_loss` the load-balancing loss; otherwise both are None."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_cache_len = 0
+        self.router_logits: tuple[torch.Tensor, ...] | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    # -- KV cache ------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens."""
+        ref = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch_size, self.config.num_key_value_heads, max_len,
+                                            self.config.head_dim, dtype or ref.dtype, device or ref.device)
+        self.max_cache_len = max_len
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.max_cache_len = 0
+
+    def set_kernels(self, kernels: str = "auto"):
+        """"auto": Triton attention and fused MoE on CUDA when available, else torch (SDPA and the
+        expert-sorted `moe_grouped`); "triton": insist on Triton; "torch": never Triton;
+        "reference": `reference_attention` and the `moe_reference` expert loop."""
+        if kernels not in ("auto", "triton", "torch", "reference"):
+            raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
+        if kernels == "triton" and (triton_attention is None or triton_moe is None):
+            raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
+        for layer in self.model.layers:
+            layer.self_attn.kernels = kernels
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp.kernels = kernels
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                input_pos=None, logits_to_keep: int = 0, output_router_logits: bool | None = None):
+        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+
+        input_pos: None = no cache (the whole sequence is in input_ids). An int = write this
+          chunk's keys/values at cache slots [input_pos, input_pos + T) and attend to every slot so
+          far (needs `setup_cache`). A (T,) tensor of slots = the same with static shapes: attention
+          runs over the whole cache, masked (for torch.compile and CUDA graphs).
+        attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
+          slot so far (the whole cache when input_pos is a tensor). Positions then count real
+          tokens only, as transformers' generate does.
+        logits_to_keep: if > 0, compute logits for the last that many positions only.
+        output_router_logits: keep each sparse layer's router logits in `self.router_logits` and the
+          load-balancing loss in `self.aux_loss`; with labels, the loss adds
+          router_aux_loss_coef * aux_loss. None = the config's `output_router_logits`.
+        """
+        B, T = input_ids.shape
+        static = torch.is_tensor(input_pos)
+        if input_pos is not None and not self.max_cache_len:
+            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
+        if input_pos is None and self.max_cache_len:
+            raise ValueError("a KV cache is set up: pass input_pos, or call clear_cache() first")
+        if static:
+            q_slots, S = input_pos, self.max_cache_len                           # slots (T,), keys seen
+        else:
+            start = 0 if input_pos is None else int(input_pos)
+            q_slots, S = torch.arange(start, start + T, device=input_ids.device), start + T
+            if input_pos is not None and S > self.max_cache_len:
+                raise ValueError(f"positions {start}..{S} do not fit the KV cache of {self.max_cache_len} "
+                                 f"(call setup_cache with a larger max_len)")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slots]
+            else:
+                position_ids = q_slots[None].expand(B, T)                        # (B, T)
+        key_mask = attention_mask
+        if key_mask is not None and not static and bool(key_mask[:, :S].all()):
+            key_mask = None                                                      # nothing hidden
+
+        x = self.model.embed_tokens(input_ids)                                   # (B, T, hidden)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)                  # (B, T, head_dim) each
+        built = {}
+
+        def masks(window):  # one mask per window size, built on first use and shared by the layers
+            if window not in built:
+                # Plain causal attention needs no mask: SDPA's is_causal covers a prefill from slot 0,
+                # and a one-token decode sees every slot anyway.
+                plain = (not static and key_mask is None and (window is None or window >= S)
+                         and (T == 1 or S == T))
+                built[window] = None if plain else visibility_mask(q_slots, S, window, key_mask)
+            return built[window]
+
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = [] if output_router_logits else None                    # one (B*T, E) per sparse layer
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, input_pos, key_mask, masks, router_logits)
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)                                                 # (B, T, vocab)
+
+        self.router_logits = self.aux_loss = None
+        if router_logits:  # (dense models have none)
+            self.router_logits = tuple(router_logits)
+            token_mask = None if attention_mask is None else attention_mask[:, q_slots]  # (B, T)
+            self.aux_loss = load_balancing_loss(self.router_logits, self.config.num_experts,
+                                                self.config.num_experts_per_tok, token_mask)
+        if labels is None:
+            return logits
+        loss = causal_lm_loss(logits, labels)
+        if self.aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss
+        return logits, loss
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored."""
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def load_balancing_loss(router_logits: tuple, num_experts: int, top_k: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss over every sparse layer's router logits (rows = tokens):
+    num_experts * sum_e f_e * P_e, where f_e is the mean over rows of "e is among the row's top k"
+    (so sum_e f_e = k) and P_e the mean router probability of e. token_mask (B, T), 0 for padding,
+    excludes those rows from both means. Equals k when routing is uniform."""
+    logits = torch.cat(router_logits)                                        # (L*N, E)
+    probs = torch.softmax(logits, dim=-1).float()                            # (L*N, E), as transformers: logits dtype
+    chosen = torch.topk(probs, top_k, dim=-1).indices                        # (L*N, K)
+    hits = F.one_hot(chosen, num_experts).sum(1).float()                     # (L*N, E) k ones per row
+    if token_mask is None:
+        f, p = hits.mean(0), probs.mean(0)                                   # (E,) each
+    else:
+        m = token_mask.reshape(-1).float().repeat(len(router_logits))[:, None]  # (L*N, 1)
+        f, p = (hits * m).sum(0) / m.sum(), (probs * m).sum(0) / m.sum()
+    return num_experts * (f * p).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# one expert's matrix as hub checkpoints (and transformers 5's save_pretrained) store it
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """A local folder, or a hub id downloaded (json and safetensors only) into the hub cache."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{name_or_path} is a file; pass the checkpoint folder that holds config.json")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
+                                f"Qwen/Qwen3-30B-A3B)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    except GatedRepoError:
+        raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
+                         f"(huggingface-cli login)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
+                                f"hub") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
+                                f"cache; connect once or pass a local folder") from None
+    except OSError as e:  # network errors surface as OSError subclasses
+        raise FileNotFoundError(f"could not download {name_or_path}: {e}") from None
+
+
+def load_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks the weight file {missing[0]} named in its index")
+    return [os.path.join(folder, n) for n in names]
+
+
+def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name: False):
+    """Stream every tensor from the safetensors files into `model` (built on the meta device):
+    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists.
+
+    Per-expert tensors (`...mlp.experts.E.{gate,up,down}_proj.weight`) are copied into their slice
+    of the stacked parameter, which is allocated once, on first use; fused files that already hold
+    `...mlp.experts.gate_up_proj` / `down_proj` load as they are."""
+    from safetensors import safe_open
+    expected = dict(model.named_parameters())
+    seen = set()     # parameters loaded whole
+    pieces = {}      # stacked parameter -> {(expert, "gate" | "up" | "down")} copied in so far
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                m = EXPERT_KEY.match(name)
+                if m and f"{m[1]}.gate_up_proj" in expected:
+                    prefix, e, part = m[1], int(m[2]), m[3]
+                    target = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+                    if target in seen:
+                        raise ValueError(f"tensor {name} repeats an expert of the fused {target} in the checkpoint")
+                    full = expected[target]                        # meta: (E, 2I, H) or (E, H, I)
+                    E, I = full.shape[0], expected[f"{prefix}.down_proj"].shape[2]
+                    want = tuple(full.shape[1:]) if part == "down" else (I, full.shape[2])
+                    tensor = f.get_tensor(name)
+                    if e >= E or tuple(tensor.shape) != want:
+                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)} (expert {e}), the config "
+                                         f"expects {want} for each of {E} experts (stacked {target} {tuple(full.shape)})")
+                    if target not in pieces:                       # allocate the stacked parameter once
+                        pieces[target] = set()
+                        set_parameter(model, target, torch.empty(full.shape, device=device, dtype=dtype))
+                    stacked = model.get_parameter(target)
+                    rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[part]
+                    with torch.no_grad():
+                        stacked[e, rows].copy_(tensor)
+                    pieces[target].add((e, part))
+                    continue
+                if name not in expected:
+                    if skip(name) or name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint does "
+                                     f"not match its config.json")
+                if name in pieces:
+                    raise ValueError(f"tensor {name} repeats experts already read one by one in the checkpoint")
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                     f"{tuple(expected[name].shape)}")
+                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = []
+    for n in expected:
+        if n in seen:
+            continue
+        if n not in pieces:
+            missing.append(n)
+            continue
+        parts = ("down",) if n.endswith("down_proj") else ("gate", "up")
+        prefix = n.rpartition(".")[0]
+        missing += [f"{prefix}.{e}.{p}_proj.weight" for e in range(expected[n].shape[0]) for p in parts
+                    if (e, p) not in pieces[n]]
+    if missing:
+        expert = EXPERT_KEY.match(missing[0])
+        raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                         (f"; the config has {expected[expert[1] + '.down_proj'].shape[0]} experts per layer"
+                          if expert else ""))
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCausalLM:
+    """Load a Qwen3-MoE ("Qwen/Qwen3-30B-A3B") or dense Qwen3 ("Qwen/Qwen3-0.6B") checkpoint:
+    a local folder or a hub id.
+
+    dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
+    device: default "cpu". Parameters load with requires_grad=False; call
+    `model.requires_grad_(True)` to train.
+    """
+    folder = resolve_checkpoint(name_or_path)
+    raw = load_config(folder)
+    if raw.get("model_type") not in ("qwen3_moe", "qwen3"):
+        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; qwen3_moe.py loads "
+                         f"'qwen3_moe' and 'qwen3'")
+    config = Qwen3MoeConfig.from_dict(raw)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+        dtype = DTYPES[dtype]
+    dtype = dtype or DTYPES.get(config.torch_dtype or "", torch.float32)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    tied = config.tie_word_embeddings  # the checkpoint then has no lm_head.weight (ignored if present)
+    load_weights(model, folder, device, dtype, skip=lambda name: tied and name == "lm_head.weight")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)
+    return model.eval()
