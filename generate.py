@@ -184,8 +184,10 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
         pads = (mask == 0).sum(-1, keepdim=True) if mask is not None else torch.zeros(B, 1, dtype=torch.long,
                                                                                         device=device)
 
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+
         def step_fn(token, pos):
-            slot = torch.tensor([pos], device=device)
+            slot.fill_(pos)  # in place: no new host-to-device tensor per step
             return compiled(model, token, slot, mask, slot[None] - pads)
     else:
         def step_fn(token, pos):
@@ -210,9 +212,10 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
                 stats["new_tokens"] = i + 1
                 stats["decode_s"] = time.perf_counter() - t1
                 yield token
-                done |= torch.isin(token, stop)
-                if bool(done.all()):
-                    break
+                if stop_ids:  # (without stop tokens, no step waits on the device to decide)
+                    done |= torch.isin(token, stop)
+                    if bool(done.all()):
+                        break
                 if i == steps - 1:
                     stats["context_limit"] = steps < max_new_tokens  # stopped by the context, not the user
                     break
