@@ -87,8 +87,8 @@ class Qwen3MoeConfig:
     use_sliding_window: bool = False    # turn sliding-window attention on
     sliding_window: int | None = 4096   # keys a sliding layer sees, itself included
     max_window_layers: int = 28         # dense Qwen3 without layer_types: layers i >= this one slide
-    layer_types: list | None = None     # per layer "full_attention" / "sliding_attention" (derived; dense
-                                        # Qwen3 reads it from config.json, Qwen3-MoE ignores it as transformers does)
+    layer_types: list | None = None     # per layer "full_attention" / "sliding_attention" (dense Qwen3 only;
+                                        # Qwen3-MoE ignores it, as transformers does, and derives its own)
     num_experts: int = 128              # routed experts per sparse layer (0: every layer dense)
     num_experts_per_tok: int = 8        # experts each token is sent to (top-k)
     moe_intermediate_size: int = 768    # width of one expert's hidden layer
@@ -328,26 +328,28 @@ def moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
 
 
 def moe_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Fast torch path. The N*K (token, expert) pairs are sorted by expert so each active expert
-    works on one contiguous block of rows: two matmuls per active expert on its weight slices, no
-    per-expert masking or searching. Experts that received no token are never read (at batch-1
-    decode: exactly the K routed experts). Weighted outputs are summed per token in float32."""
+    """Fast torch path. The N*K (token, expert) pairs are sorted by expert so that each active
+    expert works on one contiguous block of rows: two matmuls per active expert on its weight
+    slices, everything else (SiLU, routing weights, the sum over k) done once for all rows.
+    Experts that received no token are never read (at batch-1 decode: exactly the K routed ones).
+    Only gathers (index_select) move rows; index_add_ is avoided, as it is slow on CPU."""
     N, K = topk_ids.shape
-    I = w_down.shape[2]
     pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
     order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
-    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert
-    token = order // K                                                    # (P,) token of each sorted pair
-    xs = x[token]                                                         # (P, H) rows in expert order
-    outs, start = [], 0
+    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert (host sync)
+    groups, start = [], 0                                                 # (expert, its rows of the sorted pairs)
     for e, n in enumerate(counts):
         if n:
-            gate, up = F.linear(xs[start:start + n], w_gate_up[e]).chunk(2, dim=-1)  # (n, I) each
-            outs.append(F.linear(F.silu(gate) * up, w_down[e]))           # (n, H)
+            groups.append((e, slice(start, start + n)))
             start += n
-    y = torch.cat(outs) * topk_weights.reshape(-1)[order, None]           # (P, H) weighted, expert order
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # (N, H)
-    return out.index_add_(0, token, y.float()).to(x.dtype)
+    xs = x.index_select(0, order // K)                                    # (P, H) token rows in expert order
+    gate_up = torch.cat([F.linear(xs[rows], w_gate_up[e]) for e, rows in groups])  # (P, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
+    h = F.silu(gate) * up                                                 # (P, I)
+    y = torch.cat([F.linear(h[rows], w_down[e]) for e, rows in groups])   # (P, H)
+    y = y * topk_weights.reshape(-1, 1).index_select(0, order)            # (P, H) weighted by the router
+    y = y.index_select(0, torch.argsort(order))                           # (P, H) back in pair order
+    return y.view(N, K, -1).sum(1)                                        # (N, H) each token's k outputs summed
 
 
 def moe_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
@@ -361,7 +363,7 @@ def moe_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
     gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
     y = torch.bmm(w_down[pair_expert], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (P, H)
     y = y * topk_weights.reshape(-1, 1)                                   # (P, H)
-    return y.view(N, K, -1).float().sum(1).to(x.dtype)
+    return y.view(N, K, -1).sum(1)                                        # (N, H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,12 +426,12 @@ class Attention(nn.Module):
     def attend(self, q, k, v, input_pos, key_mask, masks):
         scale = self.head_dim ** -0.5
         start = 0 if input_pos is None else input_pos
-        if (self.kernels in ("auto", "triton") and triton_attention is not None and not torch.is_tensor(start)
-                and triton_attention.supports(q, k)):
+        # The Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU interpreter).
+        # It takes an int start; the static (tensor input_pos) decode path stays on SDPA.
+        wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
+        if wanted and triton_attention is not None and not torch.is_tensor(start) and triton_attention.supports(q, k):
             pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
             return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
-        if self.kernels == "triton":
-            raise RuntimeError("kernels='triton' but the Triton attention kernel cannot take these tensors")
         mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
         if self.kernels == "reference":
             if mask is None:  # spell out the causal mask for the reference path
@@ -491,13 +493,15 @@ class SparseMoeBlock(nn.Module):
         if router_logits is not None:
             router_logits.append(logits)
         w_gate_up, w_down = self.experts.gate_up_proj, self.experts.down_proj
+        # The fused Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU
+        # interpreter); not inside torch.compile, where the static-shape moe_gathered serves.
+        compiling = torch.compiler.is_compiling()
+        wanted = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
         if self.kernels == "reference":
             out = moe_reference(x, w_gate_up, w_down, ids, weights)
-        elif self.kernels in ("auto", "triton") and triton_moe is not None and triton_moe.supports(x, w_gate_up):
+        elif wanted and triton_moe is not None and not compiling and triton_moe.supports(x, w_gate_up):
             out = triton_moe.fused_moe(x, w_gate_up, w_down, ids, weights)
-        elif self.kernels == "triton":
-            raise RuntimeError("kernels='triton' but the Triton MoE kernel cannot take these tensors")
-        elif torch.compiler.is_compiling():
+        elif compiling:
             out = moe_gathered(x, w_gate_up, w_down, ids, weights)
         else:
             out = moe_grouped(x, w_gate_up, w_down, ids, weights)
@@ -559,8 +563,9 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def set_kernels(self, kernels: str = "auto"):
         """"auto": Triton attention and fused MoE on CUDA when available, else torch (SDPA and the
-        expert-sorted `moe_grouped`); "triton": insist on Triton; "torch": never Triton;
-        "reference": `reference_attention` and the `moe_reference` expert loop."""
+        expert-sorted `moe_grouped`); "triton": the Triton kernels wherever they take the tensors
+        (also Triton's CPU interpreter); "torch": never Triton; "reference": `reference_attention`
+        and the `moe_reference` expert loop."""
         if kernels not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
         if kernels == "triton" and (triton_attention is None or triton_moe is None):

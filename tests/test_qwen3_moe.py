@@ -98,7 +98,7 @@ def test_bf16_reference_path_is_bit_exact(tmp_path):
         want = hf(ids).logits
         ours.set_kernels("reference")
         assert torch.equal(ours(ids), want)
-        ours.set_kernels("torch")  # sums each token's k expert outputs in float32: within bf16 rounding
+        ours.set_kernels("torch")  # SDPA and the expert-sorted path: within bf16 rounding
         assert_close(ours(ids), want, atol=2e-2)
 
 
@@ -187,6 +187,35 @@ def test_reference_kernels_equal_fast_path_with_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 9
     for name in grads[0]:
         assert_close(grads[0][name], grads[1][name], atol=1e-6)
+
+
+TRITON_SCRIPT = r"""
+import sys, torch
+sys.path[:0] = [sys.argv[1]]
+import qwen3_moe
+assert qwen3_moe.triton_moe is not None, "kernels.moe did not import"
+calls = []
+kernel = qwen3_moe.triton_moe.fused_moe
+qwen3_moe.triton_moe.fused_moe = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
+model = qwen3_moe.from_pretrained(sys.argv[2])
+x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    model.set_kernels("torch"); want = model(x)
+    model.set_kernels("triton"); got = model(x)
+err = (got - want).abs().max().item()
+assert calls == [18, 18, 18] and err < 1e-4, (calls, err)
+print("ok", err)
+"""
+
+
+def test_fused_moe_kernel_wiring_in_interpreter(tmp_path):
+    """kernels.moe.fused_moe (Triton's CPU interpreter here) takes the place of the torch path."""
+    pytest.importorskip("triton")
+    folder, _ = save_tiny(tmp_path, Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, ROOT, folder], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
 
 
 def test_set_kernels_rejects_unknown(tmp_path):
