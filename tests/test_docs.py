@@ -282,7 +282,7 @@ from exercises import _harness, reference  # noqa: E402
 CHECKERS = {name: importlib.import_module(f"exercises.test_{name}") for name in (
     "rmsnorm", "rope", "mask", "attention", "kv_cache", "sampling", "routing", "shared_expert", "load_balancing",
     "stream_decoder", "yarn")}
-STARTER = load_module("exercise_starter", _harness.STARTER)
+STARTER = _harness.load(_harness.STARTER)
 
 
 def with_(**overrides):

@@ -54,12 +54,12 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, batch_size: int, context: int, batches_: int = 4) -> float:
+def evaluate(model, data: torch.Tensor, batch_size: int, context: int, n_batches: int = 4) -> float:
     """Mean loss over a few fixed windows of held-out text."""
     model.eval()
     gen = torch.Generator().manual_seed(1234)
     it = batches(data, batch_size, context, gen)
-    loss = sum(float(model(x, labels=x)[1]) for x, _ in zip(it, range(batches_))) / batches_
+    loss = sum(float(model(x, labels=x)[1]) for x, _ in zip(it, range(n_batches))) / n_batches
     model.train()
     return loss
 

@@ -1,13 +1,12 @@
 """Exercise 12, the capstone (docs/exercises/train_tiny.md): docs/exercises/train_tiny.py trains a tiny
 Qwen2 on the repository's source; a short run with small settings must make the loss fall."""
-import importlib.util
 import math
 import os
 import statistics
 
 import torch
 
-from ._harness import ROOT
+from ._harness import ROOT, load
 
 SCRIPT = os.path.join(ROOT, "docs", "exercises", "train_tiny.py")
 TINY = ["--steps", "24", "--batch-size", "8", "--context", "32", "--hidden", "32", "--layers", "1", "--heads", "2",
@@ -15,18 +14,11 @@ TINY = ["--steps", "24", "--batch-size", "8", "--context", "32", "--hidden", "32
         "--sample-tokens", "12"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_tiny_loss_falls(capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust on a busy machine
     try:
-        result = load_script().main(TINY)
+        result = load(SCRIPT).main(TINY)
     finally:
         torch.set_num_threads(threads)
     losses = result["losses"]
