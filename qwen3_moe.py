@@ -296,7 +296,7 @@ def reference_attention(q, k, v, mask, scale):
     so the repeated K/V never exists in memory.
     """
     B, H, T, D = q.shape
-    KVH, S = k.shape[1], k.shape[2]
+    KVH = k.shape[1]
     qg = q.view(B, KVH, H // KVH, T, D)                                 # (B, KVH, G, T, D)
     scores = qg @ k[:, :, None].transpose(-1, -2) * scale               # (B, KVH, G, T, S)
     if mask is not None:

@@ -35,6 +35,21 @@ def save_tiny(tmp_path, config_cls, model_cls, seed=0, **overrides):
     return folder, model
 
 
+def run_alone(folder, script, timeout=300):
+    """Run `script` in a fresh Python that sees `folder` and the installed third-party packages but
+    not this project, as if a model file had been copied alone into someone else's project.
+
+    `pip install -e .` puts this project's modules (and its `kernels` package) on every Python path
+    through a .pth hook; `-S` skips those hooks, and site-packages is then added back by hand.
+    """
+    import sysconfig
+    paths = sysconfig.get_paths()
+    prelude = f"import sys; sys.path[:0] = [{str(folder)!r}]; sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-S", "-c", prelude + script], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def real_checkpoint_dir():
     """The real Qwen2.5-Coder-0.5B-Instruct folder if it has been built, else None."""
     path = os.environ.get("QWEN_REAL_CHECKPOINT") or os.path.join(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, save_tiny
+from conftest import ROOT
 
 import generate
 import qwen2

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, hub_available, save_tiny
+from conftest import ROOT, hub_available, run_alone, save_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -431,8 +431,7 @@ def test_file_works_copied_alone(tmp_path):
               "with torch.no_grad(): got = m(want['ids'])\n"
               "err = (got - want['logits']).abs().max().item()\n"
               "print(err); sys.exit(0 if err < 1e-5 else 1)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=alone, env=env, capture_output=True, text=True)
+    out = run_alone(alone, script)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -1,6 +1,4 @@
 """tokenizer.py: real Qwen vocabulary, chat formatting against transformers, streaming decode."""
-import json
-import os
 import random
 
 import pytest
