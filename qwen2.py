@@ -446,7 +446,8 @@ class Qwen2ForCausalLM(nn.Module):
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)                                                 # (B, T, vocab)
+        # lm_head on 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
+        logits = self.lm_head(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)  # (B, T, vocab)
         if labels is None:
             return logits
         return logits, causal_lm_loss(logits, labels)

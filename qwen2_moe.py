@@ -664,7 +664,8 @@ class Qwen2MoeForCausalLM(nn.Module):
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)                                                 # (B, T, vocab)
+        # lm_head on 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
+        logits = self.lm_head(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)  # (B, T, vocab)
 
         self.router_logits = self.aux_loss = None
         if keep_router:
