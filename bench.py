@@ -229,7 +229,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on cuda)")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
+                   help="reference: the spelled-out attention and expert loop")
     p.add_argument("--compare", choices=["transformers"], help="also run the same weights through transformers")
     p.add_argument("--json", help="append one JSON line per run to this file")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ def run_cli(*argv):
 
 def test_end_to_end_greedy_matches_generate(tiny_chat_checkpoint):
     out = run_cli("--model", tiny_chat_checkpoint, "--prompt", "Hello world", "--temperature", "0",
-                  "--max-new-tokens", "12", "--device", "cpu")
+                  "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     # stdout is exactly the greedy continuation of the chat prompt (stop tokens not printed)
     model = qwen2.from_pretrained(tiny_chat_checkpoint)
@@ -40,6 +40,13 @@ def test_end_to_end_greedy_matches_generate(tiny_chat_checkpoint):
     last = out.stderr.strip().splitlines()[-1]
     assert "prompt tokens" in last and "tok/s" in last and "peak memory" in last
     assert "Traceback" not in out.stderr
+
+
+def test_cpu_default_dtype_is_bfloat16(tiny_chat_checkpoint, capsys):
+    """The checkpoint is float32; on CPU generate.py still runs bfloat16 (measured fastest there)."""
+    assert generate.main(["--model", tiny_chat_checkpoint, "--prompt", "hi", "--max-new-tokens", "2",
+                          "--device", "cpu"]) == 0
+    assert "(torch.bfloat16)" in capsys.readouterr().err
 
 
 def test_raw_mode_and_sampling_flags(tiny_chat_checkpoint, capsys):
