@@ -300,7 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cpu, else the checkpoint's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cpu, else the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="attention/MoE implementation (auto: Triton on CUDA when available)")
@@ -409,7 +410,8 @@ def run(args) -> int:
     device = torch.device(args.device or default_device())
     log(f"loading {args.model} on {device}...")
     t0 = time.perf_counter()
-    # On CPU, bfloat16 measured fastest (real 0.5B, 2 cores: decode 1.7x, prefill 2x float32); see docs/benchmarks.md.
+    # On CPU, bfloat16 measured fastest (real 0.5B, 2 cores: decode 1.7x, prefill 2x float32;
+    # docs/benchmarks.md).
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype)
     model.set_kernels(args.kernels)

@@ -35,19 +35,33 @@ def save_tiny(tmp_path, config_cls, model_cls, seed=0, **overrides):
     return folder, model
 
 
-def run_alone(folder, script, timeout=300):
-    """Run `script` in a fresh Python that sees `folder` and the installed third-party packages but
-    not this project, as if a model file had been copied alone into someone else's project.
+def assert_works_copied_alone(tmp_path, model_file, checkpoint, hf_model, input_ids, atol=1e-5):
+    """Copy `model_file` alone into an empty folder, load `checkpoint` with it in a fresh Python that
+    sees the installed third-party packages but not this project, and compare its logits with
+    `hf_model`'s: as if the file had been copied into someone else's project.
 
     `pip install -e .` puts this project's modules (and its `kernels` package) on every Python path
     through a .pth hook; `-S` skips those hooks, and site-packages is then added back by hand.
+    Inside, the guarded kernel imports must have found nothing (every `triton_*` module is None).
     """
+    import shutil
     import sysconfig
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, model_file), alone)
+    name = model_file.removesuffix(".py")
     paths = sysconfig.get_paths()
-    prelude = f"import sys; sys.path[:0] = [{str(folder)!r}]; sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
+    script = (f"import sys; sys.path[:0] = [{str(alone)!r}]; sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
+              f"import torch, {name} as m\n"
+              "assert 'kernels' not in sys.modules, 'the kernels package was imported'\n"
+              "assert all(v is None for k, v in vars(m).items() if k.startswith('triton_')), 'a triton_* module loaded'\n"
+              f"torch.save(m.from_pretrained({checkpoint!r})(torch.tensor({input_ids.tolist()!r})), {str(alone / 'logits.pt')!r})\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-S", "-c", prelude + script], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(alone / "logits.pt"), hf_model(input_ids).logits, atol=atol, rtol=0)
 
 
 def real_checkpoint_dir():

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, run_alone, save_tiny
+from conftest import assert_works_copied_alone, save_tiny
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as HFModel  # noqa: E402
@@ -289,14 +289,4 @@ def test_bad_checkpoints_are_refused(tmp_path):
 
 def test_model_file_works_copied_alone(tmp_path):
     folder, hf, _ = build(tmp_path / "ckpt")
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(os.path.join(ROOT, "qwen2.py"), alone / "qwen2.py")
-    x = torch.tensor([[1, 2, 3, 4, 5]])
-    code = ("import sys, torch, qwen2; m = qwen2.from_pretrained(%r); "
-            "assert qwen2.triton_attention is None and 'kernels' not in sys.modules; "
-            "torch.save(m(torch.tensor(%r)), %r)" % (folder, x.tolist(), str(alone / "logits.pt")))
-    out = run_alone(alone, code)
-    assert out.returncode == 0, out.stderr
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(alone / "logits.pt"), hf(x).logits, atol=1e-5, rtol=0)
+    assert_works_copied_alone(tmp_path, "qwen2.py", folder, hf, torch.tensor([[1, 2, 3, 4, 5]]))

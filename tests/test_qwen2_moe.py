@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, hub_available, run_alone, save_tiny
+from conftest import ROOT, assert_works_copied_alone, hub_available, save_tiny
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2MoeConfig as HFConfig, Qwen2MoeForCausalLM as HFModel  # noqa: E402
@@ -473,17 +473,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
 
 def test_model_file_works_copied_alone(tmp_path):
     folder, hf, _ = build(tmp_path / "ckpt")
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(os.path.join(ROOT, "qwen2_moe.py"), alone / "qwen2_moe.py")
-    x = ids(1, 6)
-    code = ("import sys, torch, qwen2_moe; m = qwen2_moe.from_pretrained(%r); "
-            "assert qwen2_moe.triton_moe is None and 'kernels' not in sys.modules; "
-            "torch.save(m(torch.tensor(%r)), %r)" % (folder, x.tolist(), str(alone / "logits.pt")))
-    out = run_alone(alone, code)
-    assert out.returncode == 0, out.stderr
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(alone / "logits.pt"), hf(x).logits, atol=ATOL, rtol=0)
+    assert_works_copied_alone(tmp_path, "qwen2_moe.py", folder, hf, ids(1, 6), atol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------------

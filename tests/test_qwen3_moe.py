@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, hub_available, run_alone, save_tiny
+from conftest import ROOT, assert_works_copied_alone, hub_available, save_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -418,21 +418,7 @@ def test_refuses_other_model_types(tmp_path):
 
 def test_file_works_copied_alone(tmp_path):
     folder, hf = save_tiny(tmp_path / "ckpt", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(os.path.join(ROOT, "qwen3_moe.py"), alone)
-    ids = tokens(1, 9)
-    with torch.no_grad():
-        torch.save({"ids": ids, "logits": hf(ids).logits}, tmp_path / "want.pt")
-    script = ("import sys, torch, qwen3_moe\n"
-              "assert qwen3_moe.triton_moe is None and qwen3_moe.triton_attention is None\n"
-              f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
-              f"m = qwen3_moe.from_pretrained({folder!r})\n"
-              "with torch.no_grad(): got = m(want['ids'])\n"
-              "err = (got - want['logits']).abs().max().item()\n"
-              "print(err); sys.exit(0 if err < 1e-5 else 1)\n")
-    out = run_alone(alone, script)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_works_copied_alone(tmp_path, "qwen3_moe.py", folder, hf, tokens(1, 9))
 
 
 # ----------------------------------------------------------------------------------------------
