@@ -154,7 +154,10 @@ def copy_bandwidth(device, megabytes: int = 512) -> float:
 
 def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
     """Bytes read from memory for one decode step: weights (embedding table excluded unless tied,
-    MoE experts: only the active ones at batch 1) plus the KV cache of `context` tokens."""
+    MoE experts: only the active ones) plus the KV cache of `context` tokens.
+
+    Active experts: K at batch 1; for a batch, the expected number of distinct experts when each
+    row picks K of E at random, E * (1 - (1 - K/E) ** batch_size)."""
     config = model.config
     seen, total = set(), 0
     for name, p in model.named_parameters():
@@ -165,9 +168,9 @@ def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
         if name == "model.embed_tokens.weight" and not getattr(config, "tie_word_embeddings", False):
             nbytes = p.shape[1] * p.element_size() * batch_size  # one row per token
         elif ".mlp.experts." in name:
-            experts = p.shape[0]
-            active = min(experts, config.num_experts_per_tok * batch_size)
-            nbytes = nbytes * active // experts
+            experts, k = p.shape[0], config.num_experts_per_tok
+            active = experts * (1 - (1 - k / experts) ** batch_size)
+            nbytes = round(nbytes * active / experts)
         total += nbytes
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * batch_size
     return total + kv * model.dtype.itemsize
@@ -183,8 +186,11 @@ def peak_memory_gb(device) -> float:
 
 def run_ours(model, prompts, new_tokens, compile: bool):
     device = model.device
-    t0 = time.perf_counter()  # warm-up (and compile): a short generation with the same shapes
-    for _ in generate.generate_tokens(model, prompts, min(new_tokens, 8), compile=compile):
+    # Warm-up: a short generation with the same shapes. Compiled, a whole one: it compiles the
+    # step and captures its CUDA graph for the timed run's cache length.
+    t0 = time.perf_counter()
+    for _ in generate.generate_tokens(model, prompts, new_tokens if compile else min(new_tokens, 8),
+                                      compile=compile):
         pass
     synchronize(device)
     warmup_s = time.perf_counter() - t0

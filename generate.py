@@ -164,8 +164,9 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
     if steps <= 0:
         return
     device, B = model.device, len(prompts)
+    cache_len = static_cache_len(longest + steps, limit) if compile else longest + steps
     tokens = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
-    mask = torch.ones(B, longest + steps, dtype=torch.long, device=device)                           # (B, S)
+    mask = torch.ones(B, cache_len, dtype=torch.long, device=device)                                 # (B, S)
     for row, p in enumerate(prompts):
         mask[row, :longest - len(p)] = 0
     mask = mask if B > 1 and not bool(mask.all()) else None
@@ -188,6 +189,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
 
         def step_fn(token, pos):
             slot.fill_(pos)  # in place: no new host-to-device tensor per step
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: reuse their memory
             return compiled(model, token, slot, mask, slot[None] - pads)
     else:
         def step_fn(token, pos):
@@ -197,7 +199,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
         logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
         return sample(logits, temperature, top_k, top_p, generator)
 
-    model.setup_cache(B, longest + steps)
+    model.setup_cache(B, cache_len)
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -224,7 +226,8 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
                 token = pick(logits)
             stats["decode_s"] = time.perf_counter() - t1
     finally:
-        model.clear_cache()
+        if not compile:  # the compiled step keeps its cache (and so its CUDA graph) for the next call
+            model.clear_cache()
 
 
 def decode_step(model, token: torch.Tensor, pos: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -236,6 +239,13 @@ def static_decode_step(model, token, slot, mask, positions) -> torch.Tensor:
     """decode_step with static shapes: token (B,), slot (1,) tensor, mask (B, cache_len) or None,
     positions (B, 1). Attention covers the whole cache, so every step has the same shapes."""
     return model(token[:, None], attention_mask=mask, position_ids=positions, input_pos=slot)[:, -1]
+
+
+def static_cache_len(needed: int, context: int) -> int:
+    """KV cache length for the compiled step: `needed` rounded up to a power of two (at least 1024),
+    at most the context length. The step is compiled, and its CUDA graph captured, once per cache
+    length, so a few sizes serve every prompt instead of one compilation per prompt length."""
+    return min(max(1024, 1 << (needed - 1).bit_length()), context)
 
 
 def compiled_decode_step(model):

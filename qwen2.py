@@ -298,7 +298,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if input_pos is not None:                                    # a cached forward: write, then read the cache
             k, v = self.cache.update(input_pos, k, v)                                   # (B, KVH, S, D)
         out = self.attend(q, k, v, input_pos, key_mask, masks)                            # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -306,10 +306,12 @@ class Attention(nn.Module):
     def attend(self, q, k, v, input_pos, key_mask, masks):
         scale = self.head_dim ** -0.5
         start = 0 if input_pos is None else input_pos
-        # The Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU interpreter).
-        # It takes an int start; the static (tensor input_pos) decode path stays on SDPA.
+        # The Triton kernels: "auto" on CUDA, "triton" wherever they run (also Triton's CPU interpreter).
+        # On the static path (tensor input_pos) only one-token decode: that kernel reads the slot
+        # from the tensor and skips the cache slots past it.
         wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
-        if wanted and triton_attention is not None and not torch.is_tensor(start) and triton_attention.supports(q, k):
+        static_prefill = torch.is_tensor(start) and q.shape[2] > 1
+        if wanted and triton_attention is not None and not static_prefill and triton_attention.supports(q, k):
             pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
             return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
         mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
@@ -368,11 +370,18 @@ class Qwen2ForCausalLM(nn.Module):
 
     # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens."""
+        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
+
+        A cache of that shape that is already set up is kept, not cleared (a step never sees the
+        slots past its own, so old values are harmless): its memory stays where a captured CUDA
+        graph expects it."""
         ref = self.lm_head.weight
+        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
+        shape = (batch_size, self.config.num_key_value_heads, max_len, self.config.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch_size, self.config.num_key_value_heads, max_len,
-                                            self.config.head_dim, dtype or ref.dtype, device or ref.device)
+            cache = layer.self_attn.cache
+            if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
+                layer.self_attn.cache = KVCache(*shape, dtype, device)
         self.max_cache_len = max_len
 
     def clear_cache(self):
@@ -396,9 +405,9 @@ class Qwen2ForCausalLM(nn.Module):
                 input_pos=None, logits_to_keep: int = 0):
         """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
 
-        input_pos: None = no cache (the whole sequence is in input_ids). An int = write this
-          chunk's keys/values at cache slots [input_pos, input_pos + T) and attend to every slot so
-          far (needs `setup_cache`). A (T,) tensor of slots = the same with static shapes: attention
+        input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
+          untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
+          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same with static shapes: attention
           runs over the whole cache, masked (for torch.compile and CUDA graphs).
         attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
           slot so far (the whole cache when input_pos is a tensor). Positions then count real
@@ -409,8 +418,6 @@ class Qwen2ForCausalLM(nn.Module):
         static = torch.is_tensor(input_pos)
         if input_pos is not None and not self.max_cache_len:
             raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
-        if input_pos is None and self.max_cache_len:
-            raise ValueError("a KV cache is set up: pass input_pos, or call clear_cache() first")
         if static:
             q_slots, S = input_pos, self.max_cache_len                           # slots (T,), keys seen
         else:

@@ -9,7 +9,9 @@ Layout
 Grouped-query attention: H % KVH == 0 and query head h reads KV head h // (H // KVH),
 i.e. consecutive query heads share a KV head (transformers' `repeat_kv`).
 
-Which keys a query sees. Query row i sits at cache slot `start + i`. Key slot j is visible iff
+Which keys a query sees. Query row i sits at cache slot `start + i` (`start` an int; for one-row
+decode also a (1,) integer tensor on the device, read by the kernel, so that a step captured in a
+CUDA graph can be replayed at a new slot). Key slot j is visible iff
     j <= start + i                                     (causal)
     window is None or j > start + i - window           (sliding window: `window` keys, itself included)
     j >= pad[b]                                        (slots before pad[b] are left padding of row b)
@@ -20,13 +22,14 @@ Functions
     attention_reference   the spec, in plain torch
     prefill_attention     FlashAttention-style kernel, any T
     decode_attention      flash-decoding kernel for T == 1
-    attention             picks one of the two
+    attention             picks one of the two (inside torch.compile: as opaque custom ops)
     supports              can the kernels take these tensors?
 """
 
 import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -166,13 +169,14 @@ def _prefill_kernel(
 # Decode kernels (flash-decoding): one program = one key chunk of one (batch, KV head),
 # for all query heads of that KV group at once; a second kernel merges the chunks.
 # ----------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["S", "start", "window", "NUM_CHUNKS"])
+@triton.jit(do_not_specialize=["S", "Start", "window", "NUM_CHUNKS"])
 def _decode_chunk_kernel(
     Q, K, V, PAD, M_part, L_part, O_part,
     sq_b, sq_h, sq_d,
     sk_b, sk_h, sk_s, sk_d,
     sv_b, sv_h, sv_s, sv_d,
-    KVH, GROUP, S, start, window, qk_scale, CHUNK, NUM_CHUNKS,
+    KVH, GROUP, S, Start, window, qk_scale, CHUNK, NUM_CHUNKS,
+    START_IN_MEMORY: tl.constexpr,  # Start is a pointer to the slot (CUDA graphs), else the slot itself
     HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -192,7 +196,12 @@ def _decode_chunk_kernel(
                 mask=is_head[:, None], other=0.0)
 
     # 2. The single query sits at slot `start`: every head sees the same key range [lo, hi),
-    #    clipped to this program's chunk.
+    #    clipped to this program's chunk. Chunks past `start` load nothing, so a cache allocated
+    #    longer than the text (static shapes) costs no reads.
+    if START_IN_MEMORY:
+        start = tl.load(Start).to(tl.int32)
+    else:
+        start = Start
     lo = tl.maximum(start - window + 1, c * CHUNK)
     if HAS_PAD:
         lo = tl.maximum(lo, tl.load(PAD + b).to(tl.int32))
@@ -273,9 +282,10 @@ def _decode_merge_kernel(
 # ----------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _capability(device):
-    return torch.cuda.get_device_capability(device)
+@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, kept as a constant
+def _gpu_has_bf16() -> bool:
+    """bf16 tensor cores need compute capability 8.0 (Ampere) or newer."""
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def supports(q, k):
@@ -284,9 +294,8 @@ def supports(q, k):
         # CPU interpreter: only while it is switched on, and it computes bf16 wrongly.
         device_ok = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.bfloat16
     else:
-        # bf16 tensor cores need compute capability 8.0 (Ampere) or newer; float32 tiles with
-        # head_dim 256 do not fit in shared memory.
-        device_ok = (q.is_cuda and (q.dtype != torch.bfloat16 or _capability(q.device) >= (8, 0))
+        # float32 tiles with head_dim 256 do not fit in shared memory.
+        device_ok = (q.is_cuda and (q.dtype != torch.bfloat16 or _gpu_has_bf16())
                      and (q.dtype != torch.float32 or q.shape[-1] <= 128))
     D = q.shape[-1]
     return (
@@ -355,12 +364,17 @@ def _decode_split(S, B, KVH, device):
 
 
 def decode_attention(q, k, v, start, pad=None, window=None, scale=None):
-    """Flash-decoding for T == 1: split the cache into chunks, then merge the chunks."""
+    """Flash-decoding for T == 1: split the cache into chunks, then merge the chunks.
+
+    start: the new token's slot, an int or a (1,) integer tensor on q's device (read by the kernel)."""
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
     assert T == 1, "decode_attention takes one query row per sequence"
     pad, window, qk_scale, precision = _prepare(q, k, v, pad, window, scale)
     G = H // KVH
+    in_memory = torch.is_tensor(start)
+    if in_memory:
+        assert start.numel() == 1 and start.device == q.device and not start.is_floating_point(), start
 
     chunk, block_n, block_c = _decode_split(S, B, KVH, q.device)
     num_chunks = triton.cdiv(S, chunk)
@@ -372,8 +386,8 @@ def decode_attention(q, k, v, start, pad=None, window=None, scale=None):
     _decode_chunk_kernel[(num_chunks, B * KVH)](
         q, k, v, pad if pad is not None else q, m_part, l_part, o_part,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        KVH, G, S, int(start), window, qk_scale, chunk, num_chunks,
-        HAS_PAD=pad is not None, HEAD_DIM=D, DOT_PRECISION=precision,
+        KVH, G, S, start if in_memory else int(start), window, qk_scale, chunk, num_chunks,
+        START_IN_MEMORY=in_memory, HAS_PAD=pad is not None, HEAD_DIM=D, DOT_PRECISION=precision,
         BLOCK_G=max(16, triton.next_power_of_2(G)),  # tl.dot needs at least 16 rows
         BLOCK_N=block_n, num_warps=4, num_stages=2,
     )
@@ -385,8 +399,37 @@ def decode_attention(q, k, v, start, pad=None, window=None, scale=None):
     return out
 
 
+# Inside torch.compile the kernels run as custom ops: opaque to the compiler (which would otherwise
+# trace the Python launch code above), and captured whole by a CUDA graph. A window of 0 means none.
+@torch.library.custom_op("qwen_kernels::prefill_attention", mutates_args=())
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, pad: Optional[torch.Tensor],
+                window: int, scale: float) -> torch.Tensor:
+    return prefill_attention(q, k, v, start, pad, window or None, scale)
+
+
+@torch.library.custom_op("qwen_kernels::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, pad: Optional[torch.Tensor],
+               window: int, scale: float) -> torch.Tensor:
+    return decode_attention(q, k, v, start, pad, window or None, scale)
+
+
+@_prefill_op.register_fake
+@_decode_op.register_fake
+def _(q, k, v, start, pad, window, scale):
+    return q.new_empty(q.shape)  # contiguous (B, H, T, D), as the kernels write it
+
+
 def attention(q, k, v, start, pad=None, window=None, scale=None):
-    """Dispatch: one query row -> decode kernel, otherwise the prefill kernel."""
-    if q.shape[2] == 1:
+    """Dispatch: one query row -> decode kernel, otherwise the prefill kernel (which takes an int start)."""
+    T, D = q.shape[2], q.shape[3]
+    scale = D**-0.5 if scale is None else scale
+    if T > 1 and torch.is_tensor(start):
+        raise ValueError("prefill_attention takes an int start; a tensor start is for one-row decode")
+    if torch.compiler.is_compiling():
+        if T == 1:
+            start = start if torch.is_tensor(start) else torch.full((1,), start, device=q.device)
+            return _decode_op(q, k, v, start, pad, window or 0, scale)
+        return _prefill_op(q, k, v, start, pad, window or 0, scale)
+    if T == 1:
         return decode_attention(q, k, v, start, pad, window, scale)
     return prefill_attention(q, k, v, start, pad, window, scale)

@@ -20,7 +20,6 @@ The Triton version works on the N*K (token, expert) "pairs" (pair p = n*K + k):
 Experts that receive no token get no block, so their weights are never read.
 """
 
-import functools
 import os
 
 import torch
@@ -202,9 +201,10 @@ def _down_kernel(
 # ----------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _capability(device):
-    return torch.cuda.get_device_capability(device)
+@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, kept as a constant
+def _gpu_has_bf16() -> bool:
+    """bf16 tensor cores need compute capability 8.0 (Ampere) or newer."""
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def supports(x, w_gate_up):
@@ -213,8 +213,7 @@ def supports(x, w_gate_up):
         # CPU interpreter: only while it is switched on, and it computes bf16 wrongly.
         device_ok = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype != torch.bfloat16
     else:
-        # bf16 tensor cores need compute capability 8.0 (Ampere) or newer
-        device_ok = x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.device) >= (8, 0))
+        device_ok = x.is_cuda and (x.dtype != torch.bfloat16 or _gpu_has_bf16())
     return (
         device_ok
         and x.dim() == 2
@@ -228,7 +227,16 @@ def supports(x, w_gate_up):
 
 
 def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Fused MoE feed-forward; same result as fused_moe_reference. Returns (N, Hd) in x.dtype."""
+    """Fused MoE feed-forward; same result as fused_moe_reference. Returns (N, Hd) in x.dtype.
+
+    Inside torch.compile it runs as one custom op, opaque to the compiler and captured whole by a
+    CUDA graph (it has no host synchronisation and no data-dependent shapes)."""
+    if torch.compiler.is_compiling():
+        return _fused_moe_op(x, w_gate_up, w_down, topk_ids, topk_weights)
+    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+
+
+def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
     N, Hd = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
     K = topk_ids.shape[1]
@@ -266,3 +274,14 @@ def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
 
     # 4. Each token sums its K expert outputs.
     return out_pairs.view(N, K, Hd).sum(dim=1).to(x.dtype)
+
+
+@torch.library.custom_op("qwen_kernels::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+
+
+@_fused_moe_op.register_fake
+def _(x, w_gate_up, w_down, topk_ids, topk_weights):
+    return x.new_empty(x.shape)

@@ -34,6 +34,20 @@ def test_decode_bytes_per_token_known_case():
     assert bench.decode_bytes_per_token(untied) == 4 * (weights + H)
 
 
+def test_decode_bytes_per_token_counts_active_experts():
+    """MoE: K of E experts at batch 1; at batch b the expected distinct experts E (1 - (1 - K/E)^b)."""
+    preset = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=16, tie_word_embeddings=False)
+    model = bench.random_model(preset, torch.device("cpu"), torch.float32)
+    L, E, H, I, V = 2, 8, 32, 16, 64
+    experts = L * E * 3 * I * H * 4  # every expert's gate, up and down, float32
+    others = 4 * sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n) - V * H * 4
+    assert bench.decode_bytes_per_token(model) == others + H * 4 + experts * 2 // 8
+    expected = others + 4 * H * 4 + experts * (1 - (1 - 2 / 8) ** 4)
+    assert bench.decode_bytes_per_token(model, batch_size=4) == pytest.approx(expected, abs=L * 2)
+
+
 def test_copy_bandwidth_is_plausible():
     assert 1e8 < bench.copy_bandwidth(torch.device("cpu"), megabytes=32) < 1e13
 
@@ -48,3 +62,39 @@ def test_compiled_decode_gives_the_same_tokens():
     except Exception as e:  # no C++ compiler for inductor on this machine
         pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
     assert compiled == eager
+
+
+def test_static_cache_len_buckets():
+    assert generate.static_cache_len(5, 64) == 64  # a tiny context: the whole context
+    assert generate.static_cache_len(100, 32768) == 1024
+    assert generate.static_cache_len(1024, 32768) == 1024
+    assert generate.static_cache_len(1025, 32768) == 2048
+    assert generate.static_cache_len(40000, 40960) == 40960  # never past the context length
+
+
+def test_compiled_decode_compiles_once_across_prompts():
+    """New prompt lengths and numbers of new tokens reuse the compiled step and its cache (same
+    memory, as a captured CUDA graph needs); a plain forward still works afterwards."""
+    pytest.importorskip("torch._inductor")
+    model = bench.random_model({**bench.PRESETS["tiny"], "max_position_embeddings": 2048}, torch.device("cpu"),
+                               torch.float32, seed=2)
+    try:
+        first = generate.generate_batch(model, [[5, 17, 99, 3]], 4, temperature=0, compile=True)
+    except Exception as e:  # no C++ compiler for inductor on this machine
+        pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
+    cache = model.model.layers[0].self_attn.cache.k
+    assert cache.shape[2] == 1024  # the bucket, not 4 + 4
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt, n in [([1, 2, 3, 4, 5, 6, 7], 9), ([9] * 30, 20)]:
+            compiled = generate.generate_batch(model, [prompt], n, temperature=0, compile=True)
+            assert model.model.layers[0].self_attn.cache.k is cache
+            assert compiled == generate.generate_batch(model, [prompt], n, temperature=0)  # eager
+            model.setup_cache(1, 1024)  # (the eager run dropped the cache; this allocates it anew)
+            cache = model.model.layers[0].self_attn.cache.k
+    assert first == generate.generate_batch(model, [[5, 17, 99, 3]], 4, temperature=0)
+    ids = torch.tensor([[5, 17, 99, 3]])
+    generate.generate_batch(model, [[1, 2]], 2, compile=True)  # leaves its cache set up
+    with torch.no_grad():
+        logits = model(ids)  # no input_pos: the cache is neither needed nor touched
+        model.clear_cache()
+        torch.testing.assert_close(logits, model(ids))

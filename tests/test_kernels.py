@@ -169,6 +169,50 @@ def test_decode_attention(B, H, KVH, S, D, start, window, pad, dtype):
     assert_close(out, ref, dtype)
     if pad is not None:
         assert (out[start < pad] == 0).all()
+    # The slot as a (1,) device tensor, read by the kernel (a CUDA graph replays it with new values)
+    slot = torch.tensor([start], device=DEVICE)
+    assert torch.equal(attn.decode_attention(q, k, v, slot, pad, window), out)
+
+
+def test_decode_slot_tensor_skips_unwritten_cache():
+    """With a tensor slot over a longer (static) cache, slots past it are never read: poisoning
+    them changes nothing."""
+    q, k, v = make_qkv(1, 4, 2, 1, 200, 64, torch.float32)
+    start = 57
+    k[:, :, start + 1:] = float("nan")
+    v[:, :, start + 1:] = float("nan")
+    out = attn.decode_attention(q, k, v, torch.tensor([start], device=DEVICE))
+    assert out.isfinite().all()
+    assert_close(out, attn.attention_reference(q, k[:, :, :start + 1], v[:, :, :start + 1], start),
+                 torch.float32)
+
+
+def test_attention_rejects_a_tensor_start_for_prefill():
+    q, k, v = make_qkv(1, 4, 2, 3, 10, 64, torch.float32)
+    with pytest.raises(ValueError, match="int start"):
+        attn.attention(q, k, v, torch.tensor([7], device=DEVICE))
+
+
+def test_kernels_inside_torch_compile():
+    """Under torch.compile(fullgraph=True) the kernels run as custom ops: same results as eager."""
+    pytest.importorskip("torch._inductor")
+    q, k, v = make_qkv(2, 4, 2, 1, 40, 64, torch.float32)
+    pad, slot = torch.tensor([0, 5], device=DEVICE), torch.tensor([30], device=DEVICE)
+    x, w_gate_up, w_down, ids, weights = make_moe(3, 8, 2, 32, 48, torch.float32)
+
+    def step(q, k, v, slot, pad, x, w_gate_up, w_down, ids, weights):
+        a = attn.attention(q, k, v, slot, pad=pad, window=16, scale=0.2)
+        return a * 2, moe.fused_moe(x, w_gate_up, w_down, ids, weights) + 1
+
+    args = (q, k, v, slot, pad, x, w_gate_up, w_down, ids, weights)
+    compiled = torch.compile(step, fullgraph=True)
+    eager_a, eager_m = step(*args)
+    got_a, got_m = compiled(*args)
+    assert_close(got_a, eager_a, torch.float32)
+    assert_close(got_m, eager_m, torch.float32)
+    slot.fill_(35)  # a new slot in the same tensor: no recompilation, the kernel reads it
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(*args)[0], step(*args)[0])
 
 
 @pytest.mark.parametrize("D", [16, 256])
