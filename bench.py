@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -86,7 +87,7 @@ def random_model(preset: dict, device, dtype, seed=0):
     config = cfg_cls.from_dict(preset)
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = lm_cls(config)
+        model = lm_cls(config).to(dtype)  # cast while empty: qwen3-30b-a3b is 61 GB in bf16, 122 GB in float32
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -97,7 +98,6 @@ def random_model(preset: dict, device, dtype, seed=0):
                     p.normal_(0.0, 0.02)
         if getattr(config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
-    model = model.to(dtype)
     rebuild_buffers(model, module, config, device)
     return model.eval()
 
@@ -108,7 +108,8 @@ def rebuild_buffers(model, module, config, device):
 
 
 def transformers_twin(model, preset: dict | None, folder: str | None, device, dtype):
-    """The same weights in transformers (eager attention is its default-free reference; SDPA is faster)."""
+    """The same weights in transformers, SDPA attention. For a preset the two models share the
+    weight tensors (no second copy: the large presets fill most of a GPU once)."""
     import transformers
     if folder is not None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
@@ -117,10 +118,8 @@ def transformers_twin(model, preset: dict | None, folder: str | None, device, dt
     config = getattr(transformers, cfg_name)(**{k: v for k, v in preset.items() if k != "model_type"})
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        hf = getattr(transformers, lm_name)(config)
-    hf.to_empty(device=device)
-    hf = hf.to(dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+        hf = getattr(transformers, lm_name)(config).to(dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False, assign=True)  # shares storage
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise SystemExit(f"cannot copy weights into transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -223,11 +222,51 @@ def run_transformers(hf, prompts, new_tokens):
             "decode_tok_s": len(prompts) * (new_tokens - 1) / max(total - first, 1e-9)}
 
 
+# ----------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------
+
+def plot_svg(records: list[dict]) -> str:
+    """An SVG bar chart of `--json` records: decode tok/s of each implementation as a share of its
+    run's roofline (the dashed line at 100%), one group of bars per preset, device and batch size."""
+    from html import escape
+    groups = {}
+    for r in records:
+        key = f"{r['name']} | {r['device']} {r['dtype'].removeprefix('torch.')} | batch {r['batch_size']}"
+        groups.setdefault(key, []).append(r)
+    left, width, bar, gap = 330, 420, 18, 14  # label column, 100% of the roofline, bar height, group gap
+    y, body = 58, []
+    for key, runs in groups.items():
+        roofline = runs[0]["roofline_tok_s"]
+        body.append(f'<text x="8" y="{y + 12}" class="g">{escape(key)}</text>'
+                    f'<text x="8" y="{y + 27}" class="n">roofline {roofline:,.1f} tok/s</text>')
+        for r in runs:
+            share = r["decode_tok_s"] / roofline
+            w = max(1.0, min(share, 1.25) * width)
+            body.append(f'<text x="{left - 6}" y="{y + 13}" class="i">{escape(r["impl"])}</text>'
+                        f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" class="b"/>'
+                        f'<text x="{left + w + 5}" y="{y + 13}" class="n">{r["decode_tok_s"]:,.1f} tok/s '
+                        f'({100 * share:.0f}%)</text>')
+            y += bar + 4
+        y = max(y, y + 30 - (bar + 4) * len(runs)) + gap
+    height = y + 10
+    line = left + width
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width * 1.25 + 150:.0f}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">'
+            '<style>.g{font-weight:bold}.n{fill:#555}.i{text-anchor:end}.b{fill:#4a7fb5}</style>'
+            '<text x="8" y="22" font-size="15" font-weight="bold">Decode speed against the memory-bandwidth '
+            'roofline (bench.py)</text>'
+            f'<line x1="{line}" y1="40" x2="{line}" y2="{height - 6}" stroke="#c33" stroke-dasharray="4 3"/>'
+            f'<text x="{line}" y="50" fill="#c33" text-anchor="middle">100% of roofline</text>'
+            + "".join(body) + "</svg>\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="published shapes, random weights")
     src.add_argument("--model", help="a real checkpoint: hub id or local folder")
+    src.add_argument("--plot", metavar="JSONL", help="no run: draw the records of a --json file as JSONL's name .svg")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, the checkpoint's own for --model, else float32")
@@ -240,6 +279,14 @@ def main(argv=None):
     p.add_argument("--compare", choices=["transformers"], help="also run the same weights through transformers")
     p.add_argument("--json", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        out = os.path.splitext(args.plot)[0] + ".svg"
+        with open(out, "w") as f:
+            f.write(plot_svg(records))
+        print(out)
+        return records
     if args.preset is None and args.model is None:
         args.preset = "cpu-qwen2"
 

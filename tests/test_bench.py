@@ -17,6 +17,11 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert "| implementation | prefill tok/s | decode tok/s | % of roofline" in table
     record = json.loads(out.read_text().splitlines()[0])
     assert record["name"] == "tiny" and record["roofline_tok_s"] > 0
+    bench.main(["--plot", str(out)])  # the SVG chart of those records, beside them
+    svg = (tmp_path / "runs.svg").read_text()
+    assert svg.startswith("<svg") and "ours (auto)" in svg
+    share = 100 * record["decode_tok_s"] / record["roofline_tok_s"]
+    assert f"{record['decode_tok_s']:,.1f} tok/s ({share:.0f}%)" in svg
 
 
 def test_decode_bytes_per_token_known_case():
@@ -98,3 +103,27 @@ def test_compiled_decode_compiles_once_across_prompts():
         logits = model(ids)  # no input_pos: the cache is neither needed nor touched
         model.clear_cache()
         torch.testing.assert_close(logits, model(ids))
+
+
+TINY_MOE = {
+    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=16, shared_expert_intermediate_size=24, tie_word_embeddings=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=16, norm_topk_prob=True, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("preset", [bench.PRESETS["tiny"], *TINY_MOE.values()], ids=["qwen2", *TINY_MOE])
+def test_transformers_twin_shares_the_weights(preset):
+    """--compare transformers: the same weights (the same memory, not a copy), the same logits."""
+    pytest.importorskip("transformers")
+    model = bench.random_model(preset, torch.device("cpu"), torch.float32, seed=3)
+    hf = bench.transformers_twin(model, preset, None, torch.device("cpu"), torch.float32)
+    ours = dict(model.named_parameters())
+    for name, p in hf.named_parameters():
+        assert p.data_ptr() == ours[name].data_ptr(), name
+    ids = torch.randint(0, preset["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)

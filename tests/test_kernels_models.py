@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT
 
+torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
 
@@ -97,14 +98,26 @@ CASES = {
 def test_model_with_triton_kernels_equals_torch_path(name):
     module, hf_classes, config = CASES[name]
     env = dict(os.environ)
-    try:
-        import torch
-        on_cuda = torch.cuda.is_available()
-    except ImportError:
-        on_cuda = False
-    if not on_cuda:
+    if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, module, json.dumps(hf_classes), json.dumps(config)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.startswith("ok"), out.stdout
+
+
+def test_microbench_smoke(tmp_path):
+    """kernels.microbench end to end on tiny shapes (the interpreter on CPU): every row, every
+    baseline, the same outputs."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = tmp_path / "rows.json"
+    out = subprocess.run([sys.executable, "-m", "kernels.microbench", "--tiny", "--json", str(result)], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["bench"] for r in rows] == ["prefill", "decode", "moe", "moe"]
+    assert all(r["max_diff"] < 1e-4 for r in rows), rows
+    assert "transformers grouped_mm" in rows[-1]["baselines"]
+    assert "| moe | tiny N=1" in out.stdout
