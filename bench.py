@@ -3,6 +3,7 @@
     python bench.py --preset qwen2-0.5b --device cuda --compile
     python bench.py --preset cpu-qwen2 --compare transformers
     python bench.py --model ~/.cache/qwen-testdata/qwen2.5-coder-0.5b-instruct --dtype float32 --compare transformers
+    python bench.py --plot runs.jsonl        # runs.svg: decode speed of --json records against their roofline
 
 Presets use the published shapes on random weights (no download); the cpu-* presets keep the real
 widths with fewer layers so they fit a laptop. Batch-1 decoding reads every weight once per token,
@@ -261,6 +262,54 @@ def plot_svg(records: list[dict]) -> str:
             + "".join(body) + "</svg>\n")
 
 
+# --suite: the runs of the GPU table on one model, built once:
+# (batch size, prompt length, new tokens, compiled, kernels, transformers too)
+SUITE = [
+    (1, 128, 256, False, "auto", True),   # eager; transformers' generate on the same weights
+    (1, 128, 256, True, "torch", False),  # compiled + CUDA graph: SDPA, gathered experts
+    (1, 128, 256, True, "auto", False),   # compiled + CUDA graph with the Triton kernels
+    (8, 128, 256, True, "auto", True),    # batch 8
+    (1, 2048, 8, False, "auto", True),    # a prefill of 2,048 tokens
+]
+
+
+def measure(model, hf, name: str, device, bandwidth: float, batch_size: int, prompt_len: int, new_tokens: int,
+            compile: bool, kernels: str, json_path: str | None) -> list[dict]:
+    """Time one workload: our model, and transformers' `hf` (None: not) on the same random prompts.
+    Prints a header and a Markdown table, appends one JSON line per implementation; returns the rows."""
+    model.set_kernels(kernels)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
+    bytes_per_token = decode_bytes_per_token(model, batch_size, prompt_len + new_tokens // 2)
+    roofline = bandwidth / bytes_per_token * batch_size
+    rows = [{"impl": "ours" + (" compiled" if compile else "") + f" ({kernels})",
+             **run_ours(model, prompts, new_tokens, compile)}]
+    if hf is not None:
+        rows.append({"impl": "transformers (sdpa)", **run_transformers(hf, prompts, new_tokens)})
+
+    print(f"{name} | {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | "
+          f"{model.dtype} | batch {batch_size} | prompt {prompt_len} | new {new_tokens} | "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | {bytes_per_token / 1e9:.3f} GB read per decode step | "
+          f"roofline {roofline:.1f} tok/s | torch {torch.__version__}")
+    print()
+    print("| implementation | prefill tok/s | decode tok/s | % of roofline | peak memory GB | warm-up s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+              f"{100 * r['decode_tok_s'] / roofline:.0f}% | {r.get('peak_memory_gb', float('nan')):.2f} | "
+              f"{r.get('warmup_s', float('nan')):.1f} |")
+    print(flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"name": name, "device": str(device), "dtype": str(model.dtype),
+                                    "batch_size": batch_size, "prompt_len": prompt_len,
+                                    "new_tokens": new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
+                                    "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
+                                    "torch": torch.__version__, **r}) + "\n")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -277,6 +326,8 @@ def main(argv=None):
     p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
                    help="reference: the spelled-out attention and expert loop")
     p.add_argument("--compare", choices=["transformers"], help="also run the same weights through transformers")
+    p.add_argument("--suite", action="store_true",
+                   help="every run of the GPU table (bench.SUITE) on one model; replaces the workload flags")
     p.add_argument("--json", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
     if args.plot:
@@ -301,41 +352,16 @@ def main(argv=None):
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         preset, name = PRESETS[args.preset], args.preset
         model = random_model(preset, device, dtype)
-    model.set_kernels(args.kernels)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=gen).tolist()
-
     bandwidth = copy_bandwidth(device)
-    bytes_per_token = decode_bytes_per_token(model, args.batch_size, args.prompt_len + args.new_tokens // 2)
-    roofline = bandwidth / bytes_per_token * args.batch_size
-    rows = []
-    result = run_ours(model, prompts, args.new_tokens, args.compile)
-    rows.append({"impl": "ours" + (" compiled" if args.compile else "") + f" ({args.kernels})", **result})
-    if args.compare:
+    workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
+                                           args.kernels, bool(args.compare))]
+    hf = None
+    if any(compare for *_, compare in workloads):
         hf = transformers_twin(model, preset, folder, device, model.dtype)
-        rows.append({"impl": "transformers (sdpa)", **run_transformers(hf, prompts, args.new_tokens)})
-
-    header = (f"{name} | {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | "
-              f"{model.dtype} | batch {args.batch_size} | prompt {args.prompt_len} | new {args.new_tokens} | "
-              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | {bytes_per_token / 1e9:.3f} GB read per decode step | "
-              f"roofline {roofline:.1f} tok/s | torch {torch.__version__}")
-    print(header)
-    print()
-    print("| implementation | prefill tok/s | decode tok/s | % of roofline | peak memory GB | warm-up s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['impl']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-              f"{100 * r['decode_tok_s'] / roofline:.0f}% | {r.get('peak_memory_gb', float('nan')):.2f} | "
-              f"{r.get('warmup_s', float('nan')):.1f} |")
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({"name": name, "device": str(device), "dtype": str(model.dtype),
-                                    "batch_size": args.batch_size, "prompt_len": args.prompt_len,
-                                    "new_tokens": args.new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
-                                    "bytes_per_token": bytes_per_token, "roofline_tok_s": roofline,
-                                    "torch": torch.__version__, **r}) + "\n")
+    rows = []
+    for batch_size, prompt_len, new_tokens, compile, kernels, compare in workloads:
+        rows += measure(model, hf if compare else None, name, device, bandwidth, batch_size, prompt_len, new_tokens,
+                        compile, kernels, args.json)
     return rows
 
 

@@ -127,3 +127,19 @@ def test_transformers_twin_shares_the_weights(preset):
     ids = torch.randint(0, preset["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_suite_runs_every_workload_on_one_model(tmp_path, monkeypatch, capsys):
+    """--suite: the workloads of bench.SUITE on one model (here a short stand-in list)."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(bench, "SUITE", [(1, 8, 4, False, "auto", True), (2, 6, 3, False, "reference", False)])
+    built = []
+    real_random_model = bench.random_model
+    monkeypatch.setattr(bench, "random_model", lambda *a, **kw: built.append(1) or real_random_model(*a, **kw))
+    out = tmp_path / "suite.jsonl"
+    rows = bench.main(["--preset", "tiny", "--device", "cpu", "--suite", "--json", str(out)])
+    assert built == [1]
+    assert [r["impl"] for r in rows] == ["ours (auto)", "transformers (sdpa)", "ours (reference)"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["batch_size"], r["prompt_len"], r["new_tokens"]) for r in records] == [(1, 8, 4), (1, 8, 4), (2, 6, 3)]
+    assert capsys.readouterr().out.count("| implementation |") == 2
