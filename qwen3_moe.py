@@ -592,8 +592,9 @@ class Qwen3MoeForCausalLM(nn.Module):
 
         input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
           untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
-          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same with static shapes: attention
-          runs over the whole cache, masked (for torch.compile and CUDA graphs).
+          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same
+          with static shapes: attention runs over the whole cache, masked (for torch.compile and
+          CUDA graphs).
         attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
           slot so far (the whole cache when input_pos is a tensor). Positions then count real
           tokens only, as transformers' generate does.
