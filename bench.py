@@ -110,7 +110,7 @@ def rebuild_buffers(model, module, config, device):
 
 def transformers_twin(model, preset: dict | None, folder: str | None, device, dtype):
     """The same weights in transformers, SDPA attention. For a preset the two models share the
-    weight tensors (no second copy: the large presets fill most of a GPU once)."""
+    weight tensors, so a preset that fills most of a GPU still fits once."""
     import transformers
     if folder is not None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
@@ -123,7 +123,8 @@ def transformers_twin(model, preset: dict | None, folder: str | None, device, dt
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False, assign=True)  # shares storage
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise SystemExit(f"cannot copy weights into transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SystemExit(f"cannot share the weights with transformers: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     rotary = hf.model.rotary_emb  # its buffers are not weights: recompute them (presets use plain RoPE)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .attention import _gpu_has_bf16  # bf16 tensor cores: compute capability 8.0 or newer
+
 # See attention.py: whether the kernels below were built for Triton's CPU interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -201,12 +203,6 @@ def _down_kernel(
 # ----------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, kept as a constant
-def _gpu_has_bf16() -> bool:
-    """bf16 tensor cores need compute capability 8.0 (Ampere) or newer."""
-    return torch.cuda.get_device_capability() >= (8, 0)
-
-
 def supports(x, w_gate_up):
     """True when fused_moe can take these tensors (else use fused_moe_reference)."""
     if INTERPRET:
