@@ -282,10 +282,16 @@ def _decode_merge_kernel(
 # ----------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result  # torch.compile: run once while tracing, kept as a constant
+_BF16_TENSOR_CORES = None  # asked once (supports() runs on every call of a layer)
+
+
+@torch.compiler.assume_constant_result  # torch.compile: run while tracing, kept as a constant
 def _gpu_has_bf16() -> bool:
     """bf16 tensor cores need compute capability 8.0 (Ampere) or newer."""
-    return torch.cuda.get_device_capability() >= (8, 0)
+    global _BF16_TENSOR_CORES
+    if _BF16_TENSOR_CORES is None:
+        _BF16_TENSOR_CORES = torch.cuda.get_device_capability() >= (8, 0)
+    return _BF16_TENSOR_CORES
 
 
 def supports(q, k):

@@ -228,6 +228,19 @@ def test_attention_dispatch_odd_head_dims_and_strides(D):
         assert_close(out, attn.attention_reference(q, k, v, start, scale=0.1), dtype)
 
 
+def test_bf16_capability_check_is_asked_once_and_traces(monkeypatch):
+    """supports() on CUDA asks the GPU for bf16 support once, and torch.compile(fullgraph=True)
+    takes the answer as a constant (no graph break) -- checked here with a stand-in GPU."""
+    pytest.importorskip("torch._inductor")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: asked.append(1) or (9, 0))
+    monkeypatch.setattr(attn, "_BF16_TENSOR_CORES", None)
+    step = torch.compile(lambda x: x + 1 if attn._gpu_has_bf16() else x - 1, fullgraph=True)
+    assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert attn._gpu_has_bf16() and attn._gpu_has_bf16()
+    assert len(asked) == 1
+
+
 def test_attention_supports(monkeypatch):
     q = torch.zeros(1, 4, 3, 64, device=DEVICE)
     k = torch.zeros(1, 2, 3, 64, device=DEVICE)
