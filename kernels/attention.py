@@ -427,11 +427,11 @@ def _(q, k, v, start, pad, window, scale):
 
 def attention(q, k, v, start, pad=None, window=None, scale=None):
     """Dispatch: one query row -> decode kernel, otherwise the prefill kernel (which takes an int start)."""
-    T, D = q.shape[2], q.shape[3]
-    scale = D**-0.5 if scale is None else scale
+    T = q.shape[2]
     if T > 1 and torch.is_tensor(start):
         raise ValueError("prefill_attention takes an int start; a tensor start is for one-row decode")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the custom ops take plain values: a float scale, window 0 = none
+        scale = q.shape[3] ** -0.5 if scale is None else scale
         if T == 1:
             start = start if torch.is_tensor(start) else torch.full((1,), start, device=q.device)
             return _decode_op(q, k, v, start, pad, window or 0, scale)
