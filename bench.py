@@ -4,6 +4,7 @@
     python bench.py --preset cpu-qwen2 --compare transformers
     python bench.py --model ~/.cache/qwen-testdata/qwen2.5-coder-0.5b-instruct --dtype float32 --compare transformers
     python bench.py --plot runs.jsonl        # runs.svg: decode speed of --json records against their roofline
+    python bench.py kernels                  # the Triton kernels against torch (see KERNELS_DOC below)
 
 Presets use the published shapes on random weights (no download); the cpu-* presets keep the real
 widths with fewer layers so they fit a laptop. Batch-1 decoding reads every weight once per token,
@@ -24,9 +25,10 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import generate
-import qwen2
+import tokenizer
 
 # Published shapes (config.json of each checkpoint), random weights.
 PRESETS = {
@@ -58,10 +60,6 @@ PRESETS["tiny"] = dict(model_type="qwen2", vocab_size=256, hidden_size=64, inter
 # transformers' classes for --compare, by model_type
 HF_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
               "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def synchronize(device):
@@ -99,13 +97,9 @@ def random_model(preset: dict, device, dtype, seed=0):
                     p.normal_(0.0, 0.02)
         if getattr(config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
-    rebuild_buffers(model, module, config, device)
-    return model.eval()
-
-
-def rebuild_buffers(model, module, config, device):
-    """Non-persistent buffers (RoPE inverse frequencies) are not weights: recompute them."""
+    # The RoPE inverse frequencies are a buffer, not a weight: recompute them.
     model.model.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
+    return model.eval()
 
 
 def transformers_twin(model, preset: dict | None, folder: str | None, device, dtype):
@@ -181,10 +175,6 @@ def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
 # Timed runs
 # ----------------------------------------------------------------------------------------------
 
-def peak_memory_gb(device) -> float:
-    return generate.peak_memory_gb(device)
-
-
 def run_ours(model, prompts, new_tokens, compile: bool):
     device = model.device
     # Warm-up: a short generation with the same shapes. Compiled, a whole one: it compiles the
@@ -203,7 +193,7 @@ def run_ours(model, prompts, new_tokens, compile: bool):
     synchronize(device)
     return {"prefill_tok_s": stats["prompt_tokens"] / stats["prefill_s"],
             "decode_tok_s": len(prompts) * (stats["new_tokens"] - 1) / stats["decode_s"],
-            "peak_memory_gb": peak_memory_gb(device), "warmup_s": warmup_s}
+            "peak_memory_gb": generate.peak_memory_gb(device), "warmup_s": warmup_s}
 
 
 def run_transformers(hf, prompts, new_tokens):
@@ -312,7 +302,202 @@ def measure(model, hf, name: str, device, bandwidth: float, batch_size: int, pro
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Kernel micro-benchmarks: python bench.py kernels
+# ----------------------------------------------------------------------------------------------
+
+KERNELS_DOC = """GPU micro-benchmark of the Triton kernels against torch, bf16, real Qwen shapes.
+
+    python bench.py kernels [--json results.json] [--only prefill|decode|moe]
+    TRITON_INTERPRET=1 python bench.py kernels --tiny      # smoke test on CPU, tiny shapes
+
+Rows (each with its goal beside it):
+  prefill  prefill_attention vs SDPA (flash backend, enable_gqa), causal, 2K and 8K tokens
+           (goal: at least 0.8x SDPA's speed)
+  decode   decode_attention vs SDPA, batch 1, 4K and 32K cached tokens (goal: at least equal);
+           GB/s = K/V bytes / time, beside the device copy bandwidth measured on a large buffer
+  moe      fused_moe vs the model files' torch fast path (qwen3_moe.experts_grouped) and vs transformers'
+           default experts implementation (grouped_mm), 1 / 16 / 512 tokens, Qwen1.5-MoE and
+           Qwen3-30B-A3B (goal: 2x the torch fast path at 1 token, 1.5x at 512);
+           GB/s = bytes of the routed experts' weights / time
+Times are medians of triton.testing.do_bench (L2 flushed between runs). "max diff" is the largest
+absolute difference between the kernel's output and the baselines' (a sanity check, not a
+precision test).
+"""
+
+# (name -> shape) and the lengths / token counts of the real benchmark, and of the --tiny smoke test.
+KERNEL_SHAPES = dict(
+    attn={"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)},  # H, KVH, D
+    moe={"qwen1.5-moe-a2.7b": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)},  # E, K, Hd, I
+    prefill_lens=(2048, 8192), decode_lens=(4096, 32768), moe_tokens=(1, 16, 512),
+)
+KERNEL_SHAPES_TINY = dict(attn={"tiny": (4, 2, 64)}, moe={"tiny": (8, 2, 64, 48)},
+            prefill_lens=(40,), decode_lens=(100,), moe_tokens=(1, 5))
+
+
+def bench_ms(fn):
+    """Median milliseconds per call (compile and autotune happen before the measurement)."""
+    fn()
+    if not torch.cuda.is_available():  # --tiny on CPU: a plain timer
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    from triton.testing import do_bench
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def sdpa(q, k, v, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def bench_prefill(rows, cfg, device, dtype):
+    from kernels import attention
+    for name, (H, KVH, D) in cfg["attn"].items():
+        for T in cfg["prefill_lens"]:
+            q = torch.randn(1, H, T, D, device=device, dtype=dtype)
+            k = torch.randn(1, KVH, T, D, device=device, dtype=dtype)
+            v = torch.randn_like(k)
+            ours = lambda: attention.prefill_attention(q, k, v, 0)  # noqa: E731
+            theirs = lambda: sdpa(q, k, v, causal=True)  # noqa: E731
+            t_ours, t_theirs = bench_ms(ours), bench_ms(theirs)
+            flops = 4 * H * T * T * D / 2  # QK^T and PV, half of the square is masked
+            rows.append(dict(
+                bench="prefill", shape=f"{name} T={T}", triton_ms=t_ours, baselines={"SDPA flash": t_theirs},
+                goal=("SDPA flash", 0.8),
+                metric=f"{flops / t_ours / 1e9:.0f} vs {flops / t_theirs / 1e9:.0f} TFLOP/s",
+                max_diff=max_diff(ours(), theirs())))
+
+
+def bench_decode(rows, cfg, device, dtype, copy_gbs):
+    from kernels import attention
+    for name, (H, KVH, D) in cfg["attn"].items():
+        for S in cfg["decode_lens"]:
+            q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
+            cache = torch.randn(2, 1, KVH, S + 1024, D, device=device, dtype=dtype)
+            k, v = cache[0, :, :, :S], cache[1, :, :, :S]  # strided views, as in the model
+            ours = lambda: attention.decode_attention(q, k, v, S - 1)  # noqa: E731
+            theirs = lambda: sdpa(q, k, v, causal=False)  # noqa: E731  one query sees all keys
+            t_ours, t_theirs = bench_ms(ours), bench_ms(theirs)
+            kv_bytes = 2 * KVH * S * D * k.element_size()
+            rows.append(dict(
+                bench="decode", shape=f"{name} S={S}", triton_ms=t_ours, baselines={"SDPA": t_theirs},
+                goal=("SDPA", 1.0),
+                metric=(f"{kv_bytes / t_ours / 1e6:.0f} vs {kv_bytes / t_theirs / 1e6:.0f} GB/s "
+                        f"(copy {copy_gbs:.0f})"),
+                max_diff=max_diff(ours(), theirs())))
+
+
+def transformers_experts(w_gate_up, w_down, top_k):
+    """transformers' Qwen3-MoE experts module on the same weights, with its default implementation
+    (grouped_mm); None when transformers is not installed."""
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    except ImportError:
+        return None
+    E, Hd, I = w_down.shape
+    config = Qwen3MoeConfig(num_experts=E, num_experts_per_tok=top_k, hidden_size=Hd, moe_intermediate_size=I)
+    config._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        experts = Qwen3MoeExperts(config)
+    experts.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(w_down, requires_grad=False)
+    return experts
+
+
+def bench_moe(rows, cfg, device, dtype):
+    from kernels import moe
+    import qwen3_moe  # the model files' torch fast path
+    for name, (E, K, Hd, I) in cfg["moe"].items():
+        w_gate_up = (torch.randn(E, 2 * I, Hd, device=device) / Hd**0.5).to(dtype)
+        w_down = (torch.randn(E, Hd, I, device=device) / I**0.5).to(dtype)
+        hf_experts = transformers_experts(w_gate_up, w_down, K)
+        for N in cfg["moe_tokens"]:
+            x = torch.randn(N, Hd, device=device, dtype=dtype)
+            logits = torch.randn(N, E, device=device)
+            topk_weights, topk_ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
+            topk_weights = topk_weights.to(dtype)  # as the model files pass them
+            args = (x, w_gate_up, w_down, topk_ids, topk_weights)
+            ours = lambda: moe.fused_moe(*args)  # noqa: E731
+            fast_path = lambda: qwen3_moe.experts_grouped(*args)  # noqa: E731
+            t_ours = bench_ms(ours)
+            baselines = {"torch fast path": bench_ms(fast_path)}
+            diff = max_diff(ours(), fast_path())
+            if hf_experts is not None:
+                with torch.no_grad():
+                    hf = lambda: hf_experts(x, topk_ids, topk_weights)  # noqa: E731
+                    baselines["transformers grouped_mm"] = bench_ms(hf)
+                    diff = max(diff, max_diff(ours(), hf()))
+            used = topk_ids.unique().numel()
+            w_bytes = used * 3 * I * Hd * w_down.element_size()
+            rows.append(dict(
+                bench="moe", shape=f"{name} N={N} ({used} experts)", triton_ms=t_ours, baselines=baselines,
+                goal=("torch fast path", 2.0 if N == 1 else 1.5 if N >= 512 else None),
+                metric=f"{w_bytes / t_ours / 1e6:.0f} GB/s weights", max_diff=diff))
+
+
+def kernel_table(rows):
+    """Markdown: one row per shape, speed-up against each baseline, and the goal where there is one."""
+    lines = ["| bench | shape | triton ms | baseline ms | speed-up | goal | triton | max diff |",
+             "|---|---|---:|---|---|---|---|---:|"]
+    for r in rows:
+        speedups = {name: ms / r["triton_ms"] for name, ms in r["baselines"].items()}
+        goal_name, goal = r["goal"]
+        verdict = "" if goal is None else (
+            f"{goal:g}x {goal_name}: {'met' if speedups[goal_name] >= goal else 'not met'}")
+        lines.append(
+            f"| {r['bench']} | {r['shape']} | {r['triton_ms']:.4f} | "
+            + ", ".join(f"{n} {ms:.4f}" for n, ms in r["baselines"].items()) + " | "
+            + ", ".join(f"{s:.2f}x" for s in speedups.values()) + f" | {verdict} | {r['metric']} | "
+            f"{r['max_diff']:.3g} |")
+    return "\n".join(lines)
+
+
+def kernels_main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench.py kernels", description=KERNELS_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--only", choices=["prefill", "decode", "moe"], help="run one group")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: tiny shapes, float32; on CPU needs TRITON_INTERPRET=1")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        raise SystemExit("bench.py kernels needs a CUDA GPU (or --tiny with TRITON_INTERPRET=1 for a smoke test)")
+    cfg, dtype = (KERNEL_SHAPES_TINY, torch.float32) if args.tiny else (KERNEL_SHAPES, torch.bfloat16)
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+
+    copy_gbs = copy_bandwidth(torch.device(device), megabytes=1024 if cuda else 64) / 1e9
+    rows = []
+    if args.only in (None, "prefill"):
+        bench_prefill(rows, cfg, device, dtype)
+    if args.only in (None, "decode"):
+        bench_decode(rows, cfg, device, dtype, copy_gbs)
+    if args.only in (None, "moe"):
+        bench_moe(rows, cfg, device, dtype)
+
+    name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
+    print(f"{name}, {dtype}, device copy bandwidth {copy_gbs:.0f} GB/s, torch {torch.__version__}\n")
+    print(kernel_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "copy_gbs": copy_gbs, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return rows
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:
+        return kernels_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="published shapes, random weights")
@@ -347,10 +532,10 @@ def main(argv=None):
     folder = None
     if args.model:
         model, _, _ = generate.load(args.model, device=device, dtype=args.dtype)
-        folder, name = qwen2.resolve_checkpoint(args.model), args.model
+        folder, name = tokenizer.resolve_checkpoint(args.model), args.model
         preset = None
     else:
-        dtype = qwen2.DTYPES[args.dtype] if args.dtype else (
+        dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         preset, name = PRESETS[args.preset], args.preset
         model = random_model(preset, device, dtype)

@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
 
 import torch
+
+from tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    THINK_CLOSE,
+    THINK_OPEN,
+    StreamDecoder,
+    Tokenizer,
+    read_json,
+    resolve_checkpoint,
+)
 
 # model_type in config.json -> the file that implements it (the MoE files extend the family).
 MODEL_FILES = {
@@ -47,7 +57,8 @@ class UsageError(ValueError):
 def model_module(model_type: str):
     """The model file for a config.json `model_type`."""
     if model_type not in MODEL_FILES:
-        raise UsageError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_FILES))}")
+        raise UsageError(f"unsupported model_type {model_type!r}; "
+                         f"supported: {', '.join(sorted(MODEL_FILES))}")
     try:
         return importlib.import_module(MODEL_FILES[model_type])
     except ModuleNotFoundError as e:
@@ -59,11 +70,10 @@ def model_module(model_type: str):
 
 def load(name_or_path: str, device=None, dtype=None):
     """Load (model, tokenizer, generation defaults) from a local folder or a hub id."""
-    import qwen2  # resolves folders and hub ids for every model file
-    from tokenizer import Tokenizer
-
-    folder = qwen2.resolve_checkpoint(name_or_path)
-    config = qwen2.load_config(folder)
+    folder = resolve_checkpoint(name_or_path)
+    config = read_json(os.path.join(folder, "config.json"))
+    if not config:
+        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
     module = model_module(config.get("model_type"))
     model = module.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(folder)
@@ -72,11 +82,7 @@ def load(name_or_path: str, device=None, dtype=None):
 
 def generation_defaults(folder: str) -> dict:
     """Sampling settings and stop tokens from generation_config.json (greedy when absent)."""
-    path = os.path.join(folder, "generation_config.json")
-    cfg = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            cfg = json.load(f)
+    cfg = read_json(os.path.join(folder, "generation_config.json"))
     eos = cfg.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     sampling = cfg.get("do_sample", False)
@@ -141,93 +147,33 @@ def context_length(model) -> int:
     return int(model.config.max_position_embeddings)
 
 
-def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None,
-                    compile: bool = False, stats: dict | None = None):
-    """The generation loop for a batch of prompts; yields a (B,) tensor of new tokens per step.
-
-    Prompts of different lengths are left-padded; an attention mask hides the padding and
-    positions count real tokens only, so each row gets the result it would get alone. Finished rows
-    (stop token seen) keep yielding `pad_id`. Stops when every row has finished, after
-    max_new_tokens, or at the model's context length (then stats["context_limit"] is True).
-    """
+def check_lengths(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """The number of decode steps: max_new_tokens, or fewer where the context length ends first."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("empty prompt: give at least one token")
-    limit = context_length(model)
-    longest = max(len(p) for p in prompts)
+    limit, longest = context_length(model), max(len(p) for p in prompts)
     if longest >= limit:
         raise UsageError(f"the prompt has {longest} tokens but the context length is {limit}; shorten it")
-    steps = min(max_new_tokens, limit - longest)
-    stats = {} if stats is None else stats
-    stats.update(prompt_tokens=sum(len(p) for p in prompts), new_tokens=0, context_limit=False)
-    if steps <= 0:
-        return
-    device, B = model.device, len(prompts)
-    cache_len = static_cache_len(longest + steps, limit) if compile else longest + steps
+    return min(max_new_tokens, limit - longest)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, cache_len: int, device):
+    """Prompts of different lengths as one batch, right-aligned: tokens (B, longest) and an attention
+    mask (B, cache_len) with 0 over the padding, or None when no row is padded."""
+    longest = max(len(p) for p in prompts)
     tokens = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
-    mask = torch.ones(B, cache_len, dtype=torch.long, device=device)                                 # (B, S)
+    mask = torch.ones(len(prompts), cache_len, dtype=torch.long, device=device)                       # (B, S)
     for row, p in enumerate(prompts):
         mask[row, :longest - len(p)] = 0
-    mask = mask if B > 1 and not bool(mask.all()) else None
-    vocab = model.config.vocab_size
-    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:
-        seen.scatter_(1, tokens.clamp(max=vocab - 1), True)
-        if mask is not None:  # padding is not part of the text
-            for row, p in enumerate(prompts):
-                seen[row] = False
-                seen[row, torch.tensor(p, device=device)] = True
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    if compile:  # static shapes: the slot and positions are tensors, attention spans the whole cache
-        compiled = compiled_decode_step(model)
-        pads = (mask == 0).sum(-1, keepdim=True) if mask is not None else torch.zeros(B, 1, dtype=torch.long,
-                                                                                        device=device)
+    return tokens, (None if bool(mask.all()) else mask)
 
-        slot = torch.zeros(1, dtype=torch.long, device=device)
 
-        def step_fn(token, pos):
-            slot.fill_(pos)  # in place: no new host-to-device tensor per step
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: reuse their memory
-            return compiled(model, token, slot, mask, slot[None] - pads)
-    else:
-        def step_fn(token, pos):
-            return decode_step(model, token, pos, None if mask is None else mask[:, :pos + 1])
-
-    def pick(logits):  # logits (B, vocab) -> (B,) next tokens
-        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-        return sample(logits, temperature, top_k, top_p, generator)
-
-    model.setup_cache(B, cache_len)
-    try:
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            logits = model(tokens, attention_mask=None if mask is None else mask[:, :longest],
-                           input_pos=0, logits_to_keep=1)[:, -1]                        # (B, vocab)
-            token = pick(logits)
-            stats["prefill_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for i in range(steps):
-                token = torch.where(done, torch.full_like(token, pad_id), token)
-                seen[torch.arange(B, device=device), token] = True
-                stats["new_tokens"] = i + 1
-                stats["decode_s"] = time.perf_counter() - t1
-                yield token
-                if stop_ids:  # (without stop tokens, no step waits on the device to decide)
-                    done |= torch.isin(token, stop)
-                    if bool(done.all()):
-                        break
-                if i == steps - 1:
-                    stats["context_limit"] = steps < max_new_tokens  # stopped by the context, not the user
-                    break
-                pos = longest + i
-                logits = step_fn(token, pos)
-                token = pick(logits)
-            stats["decode_s"] = time.perf_counter() - t1
-    finally:
-        if not compile:  # the compiled step keeps its cache (and so its CUDA graph) for the next call
-            model.clear_cache()
+def seen_tokens(prompts: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """(B, vocab) booleans: which tokens each prompt holds (for the repetition penalty)."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        seen[row, torch.tensor(p, device=device).clamp(max=vocab_size - 1)] = True
+    return seen
 
 
 def decode_step(model, token: torch.Tensor, pos: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -254,6 +200,83 @@ def compiled_decode_step(model):
         mode = "reduce-overhead" if model.device.type == "cuda" else None
         model._compiled_decode_step = torch.compile(static_decode_step, mode=mode, fullgraph=True)
     return model._compiled_decode_step
+
+
+def decoder(model, batch_size: int, mask: torch.Tensor | None, compile: bool):
+    """The decode step generate_tokens calls, (token (B,), slot int) -> logits (B, vocab): eager, or
+    the compiled static-shape step, fed the slot and the positions as device tensors."""
+    if not compile:
+        return lambda token, pos: decode_step(model, token, pos, None if mask is None else mask[:, :pos + 1])
+    step, device = compiled_decode_step(model), model.device
+    pads = (torch.zeros(batch_size, 1, dtype=torch.long, device=device) if mask is None
+            else (mask == 0).sum(-1, keepdim=True))                         # (B, 1) padding slots per row
+    slot = torch.zeros(1, dtype=torch.long, device=device)
+
+    def compiled(token, pos):
+        slot.fill_(pos)  # in place: no new host-to-device tensor per step
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: reuse their memory
+        return step(model, token, slot, mask, slot[None] - pads)
+    return compiled
+
+
+def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None,
+                    compile: bool = False, stats: dict | None = None):
+    """The generation loop for a batch of prompts; yields a (B,) tensor of new tokens per step.
+
+    Prompts of different lengths are left-padded; an attention mask hides the padding and
+    positions count real tokens only, so each row gets the result it would get alone. Finished rows
+    (stop token seen) keep yielding `pad_id`. Stops when every row has finished, after
+    max_new_tokens, or at the model's context length (then stats["context_limit"] is True).
+    """
+    steps = check_lengths(model, prompts, max_new_tokens)
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=sum(len(p) for p in prompts), new_tokens=0, context_limit=False)
+    if steps <= 0:
+        return
+    device, B, longest = model.device, len(prompts), max(len(p) for p in prompts)
+    cache_len = static_cache_len(longest + steps, context_length(model)) if compile else longest + steps
+    tokens, mask = left_padded(prompts, pad_id, cache_len, device)          # (B, T), (B, cache_len) or None
+    penalise = repetition_penalty != 1.0
+    seen = seen_tokens(prompts, model.config.vocab_size, device) if penalise else None  # (B, vocab)
+    step = decoder(model, B, mask, compile)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def pick(logits):  # logits (B, vocab) -> (B,) next tokens
+        if penalise:
+            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        return sample(logits, temperature, top_k, top_p, generator)
+
+    model.setup_cache(B, cache_len)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = model(tokens, attention_mask=None if mask is None else mask[:, :longest],
+                           input_pos=0, logits_to_keep=1)[:, -1]                        # (B, vocab)
+            token = pick(logits)
+            stats["prefill_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i in range(steps):
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                if penalise:
+                    seen[torch.arange(B, device=device), token] = True
+                stats["new_tokens"] = i + 1
+                stats["decode_s"] = time.perf_counter() - t1
+                yield token
+                if stop_ids:  # (without stop tokens, no step waits on the device to decide)
+                    done |= torch.isin(token, stop)
+                    if bool(done.all()):
+                        break
+                if i == steps - 1:
+                    stats["context_limit"] = steps < max_new_tokens  # stopped by the context, not the user
+                    break
+                token = pick(step(token, longest + i))
+            stats["decode_s"] = time.perf_counter() - t1
+    finally:
+        if not compile:  # the compiled step keeps its cache (and so its CUDA graph) for the next call
+            model.clear_cache()
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
@@ -352,9 +375,8 @@ class Printer:
     """Streams decoded text to stdout; Qwen3's <think>...</think> goes to stderr (dim on a terminal)."""
 
     def __init__(self, tokenizer):
-        from tokenizer import StreamDecoder
         self.decoder = StreamDecoder(tokenizer)
-        self.think_open, self.think_close = tokenizer.token_id("<think>"), tokenizer.token_id("</think>")
+        self.think_open, self.think_close = tokenizer.token_id(THINK_OPEN), tokenizer.token_id(THINK_CLOSE)
         self.thinking = False
         self.dim = sys.stderr.isatty()
 
@@ -428,7 +450,7 @@ def run(args) -> int:
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template
     stop_ids = set(defaults["eos_token_ids"])
-    for name in (("<|im_end|>", "<|endoftext|>") if chat_format else ("<|endoftext|>",)):
+    for name in ((IM_END, ENDOFTEXT) if chat_format else (ENDOFTEXT,)):
         if tokenizer.token_id(name) is not None:
             stop_ids.add(tokenizer.token_id(name))
     settings = {

@@ -13,14 +13,23 @@ A decoder-only transformer, read top to bottom:
 * KV cache: preallocated per layer and written at the current positions, so the same forward
   serves the prompt (prefill) and one-token decode steps.
 
-How this file differs from its siblings (each file stands alone on purpose):
+The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
+attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward;
+layer, model, causal LM; losses; loading. What the files share is written identically
+(tests/test_copies.py holds them to it); what differs:
 * qwen2_moe.py (Qwen1.5-MoE, Qwen2-MoE): the MLP of most layers is a mixture of experts with a
   shared expert; q/k/v bias follows `qkv_bias`; a different sliding-window layer rule.
 * qwen3_moe.py (Qwen3, Qwen3-MoE): per-head RMSNorm on queries and keys, explicit head_dim, no
   q/k/v bias by default, mixture of experts without a shared expert.
 
+Each path has a spelled-out reference beside its fast version, both tested equal: attention is
+`reference_attention` (`set_kernels("reference")`) beside torch's SDPA and, on CUDA, the Triton
+kernels of kernels/ (used when that package sits next to this file and triton is installed).
+
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so hub
 checkpoints load with no renaming. transformers' `modeling_qwen2.py` is the semantics we match.
+The file needs torch and the standard library; its loader also imports safetensors (and
+huggingface_hub for hub ids) when called.
 
 References:
   Qwen2 technical report, https://arxiv.org/abs/2407.10671
@@ -40,11 +49,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional Triton kernels, used on CUDA when the `kernels` package sits next to this file
-    import importlib
-    triton_attention = importlib.import_module("kernels.attention")
-except Exception:  # a copy of this file alone, no triton, no GPU: the torch path serves
+try:  # the optional Triton kernels: the kernels/ package beside this file, with triton installed
+    from kernels import attention as triton_attention
+except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise  # a real error inside the kernels is not hidden
     triton_attention = None
+TRITON_KERNELS = (triton_attention,)  # all of them must be present for set_kernels("triton")
+
+
+def use_triton(kernels: str, kernel_module, *tensors: torch.Tensor) -> bool:
+    """The one rule for every Triton kernel in this file: with `kernels="triton"` wherever the kernel
+    takes the tensors (Triton's CPU interpreter too), with "auto" on CUDA only; never with "torch"
+    or "reference", or when the kernels are absent."""
+    wanted = kernels == "triton" or (kernels == "auto" and tensors[0].is_cuda)
+    return wanted and kernel_module is not None and kernel_module.supports(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +83,7 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6          # epsilon inside RMSNorm
     rope_theta: float = 10000.0         # RoPE base wavelength
     rope_type: str = "default"          # "default", "linear", "dynamic" or "yarn"
-    rope_scaling: dict | None = None    # the scaling parameters (factor, original_max_position_embeddings, ...)
+    rope_scaling: dict | None = None    # its parameters (factor, original_max_position_embeddings, ...)
     tie_word_embeddings: bool = False   # lm_head shares the embedding matrix
     use_sliding_window: bool = False    # turn sliding-window attention on
     sliding_window: int | None = 4096   # keys a sliding layer sees, itself included
@@ -81,7 +100,8 @@ class Qwen2Config:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rope_type not in ("default", "linear", "dynamic", "yarn"):
-            raise ValueError(f"unsupported RoPE type {self.rope_type!r} (supported: default, linear, dynamic, yarn)")
+            raise ValueError(f"unsupported RoPE type {self.rope_type!r} "
+                             f"(supported: default, linear, dynamic, yarn)")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (Qwen2 uses silu)")
         # transformers: the window exists only when use_sliding_window is set; without layer_types,
@@ -90,14 +110,16 @@ class Qwen2Config:
             self.layer_types = ["sliding_attention" if self.use_sliding_window and i >= self.max_window_layers
                                 else "full_attention" for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` in keys, or None for full causal attention."""
         if self.layer_types[layer] != "sliding_attention":
             return None
         if not self.use_sliding_window or not self.sliding_window:
-            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no sliding window")
+            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no "
+                             f"sliding window")
         return self.sliding_window
 
     @classmethod
@@ -109,7 +131,7 @@ class Qwen2Config:
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
         kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype")
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # (rope_scaling wins)
         kwargs["rope_theta"] = float(rope.pop("rope_theta", d.get("rope_theta", cls.rope_theta)))
         kwargs["rope_type"] = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
@@ -118,7 +140,7 @@ class Qwen2Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
+# RMSNorm and rotary position embeddings
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -212,7 +234,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
+                    key_mask: torch.Tensor | None) -> torch.Tensor:
     """Which keys each query may see: (B or 1, 1, T, S) booleans.
 
     Query i sits at cache slot q_slots[i]; key slot j is visible when j <= q_slots[i] (causal),
@@ -249,12 +276,20 @@ def reference_attention(q, k, v, mask, scale):
     return (probs @ v[:, :, None]).view(B, H, T, D)                     # (B, H, T, D)
 
 
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
+def sdpa_attention(q, k, v, mask, scale):
+    """The fast torch path: the same function through torch's fused scaled_dot_product_attention.
+    mask None means plain causal attention here (no mask tensor is built; one query row sees
+    every key)."""
+    if mask is None and q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim).
+
+    One contract: `update` writes this step's keys and values at their cache slots and returns the
+    whole cache; attention reads its first `Step.num_keys` slots (a view, no copy)."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -262,79 +297,98 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, KVH, T, D) at cache slots input_pos .. input_pos + T - 1.
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KVH, T, D) at the (T,) cache slots; return the cache, (B, KVH, max_len, D) each."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
-        input_pos an int: return the slots written so far, (B, KVH, input_pos + T, D).
-        input_pos a (T,) tensor of slots (static shapes for torch.compile / CUDA graphs): return
-        the whole cache, (B, KVH, max_len, D); the attention mask hides the unwritten slots.
-        """
-        if torch.is_tensor(input_pos):
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
-            return self.k, self.v
-        end = input_pos + k.shape[2]
-        self.k[:, :, input_pos:end] = k
-        self.v[:, :, input_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+
+@dataclass
+class Step:
+    """One forward pass as every layer sees it, decided once in the model's `make_step`."""
+    cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
+    sin: torch.Tensor                  # (B, T, head_dim) rotary sines
+    slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
+    start: int | torch.Tensor          # slot of the first query: an int, or a (1,) tensor when static
+    num_keys: int                      # attention reads key slots [0, num_keys)
+    masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
+    left_pad: torch.Tensor | None      # (B,) padding slots at the start of each row (Triton kernels)
+    kernels: str                       # "auto" | "triton" | "torch" | "reference" (set_kernels)
+
+    @property
+    def static(self) -> bool:
+        """Static shapes (a tensor input_pos): attention spans the whole cache, for torch.compile and
+        CUDA graphs, and no path may depend on the data (no host syncs, no data-sized loops)."""
+        return torch.is_tensor(self.start)
+
+
+def cache_slots(input_pos, T: int, device) -> torch.Tensor:
+    """The (T,) cache slots of a forward's tokens: input_pos itself when it is a tensor of slots,
+    else the T slots from input_pos (None: 0) on."""
+    if torch.is_tensor(input_pos):
+        return input_pos
+    start = int(input_pos or 0)
+    return torch.arange(start, start + T, device=device)
+
+
+def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, KVH, S, D) by this step's path (set_kernels): the
+    spelled-out reference, the Triton kernels, or torch's SDPA. Returns (B, H, T, D)."""
+    scale = q.shape[-1] ** -0.5
+    if step.kernels == "reference":
+        return reference_attention(q, k, v, step.masks[window], scale)
+    # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
+    if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
+        return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
+    return sdpa_attention(q, k, v, step.masks[window], scale)
 
 
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.window = config.window(layer)
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.cache: KVCache | None = None
-        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by Qwen2ForCausalLM.set_kernels
+        self.cache: KVCache | None = None  # set by setup_cache
 
-    def forward(self, x, cos, sin, input_pos, key_mask, masks):
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:                                    # a cached forward: write, then read the cache
-            k, v = self.cache.update(input_pos, k, v)                                   # (B, KVH, S, D)
-        out = self.attend(q, k, v, input_pos, key_mask, masks)                            # (B, H, T, D)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.slots is not None:                     # with a KV cache: store, then read every slot so far
+            k, v = self.cache.update(step.slots, k, v)                                 # (B, KVH, max_len, D)
+            k, v = k[:, :, :step.num_keys], v[:, :, :step.num_keys]                    # (B, KVH, S, D)
+        out = attend(q, k, v, step, self.window)                                         # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(self, q, k, v, input_pos, key_mask, masks):
-        scale = self.head_dim ** -0.5
-        start = 0 if input_pos is None else input_pos
-        # The Triton kernels: "auto" on CUDA, "triton" wherever they run (also Triton's CPU interpreter).
-        # On the static path (tensor input_pos) only one-token decode: that kernel reads the slot
-        # from the tensor and skips the cache slots past it.
-        wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
-        static_prefill = torch.is_tensor(start) and q.shape[2] > 1
-        if wanted and triton_attention is not None and not static_prefill and triton_attention.supports(q, k):
-            pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
-            return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
-        mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
-        if self.kernels == "reference":
-            if mask is None:  # spell out the causal mask for the reference path
-                slots = torch.arange(start, start + q.shape[2], device=q.device)
-                mask = visibility_mask(slots, k.shape[2], None, None)
-            return reference_attention(q, k, v, mask, scale)
-        if mask is None and q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+# ----------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+
+# ----------------------------------------------------------------------------------------------
+# Layer, model, causal LM
+# ----------------------------------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen2Config, layer: int):
@@ -344,66 +398,90 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, input_pos, key_mask, masks):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, key_mask, masks)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2Model(nn.Module):
+    """The decoder stack: token ids -> final hidden states. It holds the KV caches and the choice of
+    kernels, which the causal LM's methods of the same names forward to."""
+
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.max_cache_len = 0   # slots of the KV caches (0: none set up)
+        self.kernels = "auto"    # see set_kernels
 
-
-class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, config: Qwen2Config):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.max_cache_len = 0
-
-    # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
 
         A cache of that shape that is already set up is kept, not cleared (a step never sees the
         slots past its own, so old values are harmless): its memory stays where a captured CUDA
         graph expects it."""
-        ref = self.lm_head.weight
+        ref = self.embed_tokens.weight
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        shape = (batch_size, self.config.num_key_value_heads, max_len, self.config.head_dim)
-        for layer in self.model.layers:
-            cache = layer.self_attn.cache
+        for layer in self.layers:
+            attn, cache = layer.self_attn, layer.self_attn.cache
+            shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
             if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
-                layer.self_attn.cache = KVCache(*shape, dtype, device)
+                attn.cache = KVCache(*shape, dtype, device)
         self.max_cache_len = max_len
 
     def clear_cache(self):
-        for layer in self.model.layers:
+        for layer in self.layers:
             layer.self_attn.cache = None
         self.max_cache_len = 0
 
     def set_kernels(self, kernels: str = "auto"):
-        """"auto": Triton kernels on CUDA when available; "triton": insist; "torch": SDPA;
-        "reference": the spelled-out attention of `reference_attention`."""
+        """Which implementation the layers run. "auto": the Triton kernels on CUDA when they are
+        present, else torch's fast paths; "triton": the Triton kernels wherever they take the tensors
+        (also Triton's CPU interpreter); "torch": never Triton; "reference": the spelled-out
+        reference paths, the easiest to read (the file's header names them)."""
         if kernels not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
-        if kernels == "triton" and triton_attention is None:
+        if kernels == "triton" and None in TRITON_KERNELS:
             raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
-        for layer in self.model.layers:
-            layer.self_attn.kernels = kernels
+        self.kernels = kernels
 
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                input_pos=None, logits_to_keep: int = 0):
-        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+    def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:
+        """What every layer needs besides the hidden states, decided once per forward (see forward)."""
+        B, T = input_ids.shape
+        if input_pos is not None and not self.max_cache_len:
+            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
+        static = torch.is_tensor(input_pos)
+        slots = cache_slots(input_pos, T, input_ids.device)                     # (T,)
+        start = input_pos if static else int(input_pos or 0)
+        num_keys = self.max_cache_len if static else start + T                  # key slots attention reads
+        if input_pos is not None and num_keys > self.max_cache_len:
+            raise ValueError(f"positions {start}..{num_keys} do not fit the KV cache of {self.max_cache_len} "
+                             f"(call setup_cache with a larger max_len)")
+        if position_ids is None:  # with left padding, count real tokens only (as transformers' generate)
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]
+            else:
+                position_ids = slots[None].expand(B, T)                          # (B, T)
+        key_mask = attention_mask
+        if key_mask is not None and not static and bool(key_mask[:, :num_keys].all()):
+            key_mask = None                                                      # nothing hidden
+        # Plain causal attention needs no mask tensor: SDPA's is_causal covers a prefill from slot 0,
+        # and a one-token decode sees every slot. The reference path always gets it spelled out.
+        plain = not static and key_mask is None and (T == 1 or num_keys == T) and self.kernels != "reference"
+        masks = {}                                                               # one per window size
+        for window in {layer.self_attn.window for layer in self.layers}:
+            wide = window is None or window >= num_keys
+            masks[window] = None if plain and wide else visibility_mask(slots, num_keys, window, key_mask)
+        cos, sin = self.rotary_emb(position_ids, dtype)                          # (B, T, head_dim) each
+        left_pad = None if key_mask is None else (key_mask[:, :num_keys] == 0).sum(-1)  # (B,)
+        return Step(cos, sin, None if input_pos is None else slots, start, num_keys, masks, left_pad,
+                    self.kernels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, input_pos=None) -> torch.Tensor:
+        """input_ids (B, T) -> hidden states (B, T, hidden) after the final norm.
 
         input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
           untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
@@ -413,52 +491,57 @@ class Qwen2ForCausalLM(nn.Module):
         attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
           slot so far (the whole cache when input_pos is a tensor). Positions then count real
           tokens only, as transformers' generate does.
+        position_ids: (B, T) positions for RoPE, instead of the ones derived from the above.
+        """
+        x = self.embed_tokens(input_ids)                                         # (B, T, hidden)
+        step = self.make_step(input_ids, attention_mask, position_ids, input_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, step)
+        return self.norm(x)                                                      # (B, T, hidden)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """The decoder stack and the language-model head: token ids -> next-token logits."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate every layer's KV cache (Qwen2Model.setup_cache)."""
+        self.model.setup_cache(batch_size, max_len, dtype, device)
+
+    def clear_cache(self):
+        self.model.clear_cache()
+
+    def set_kernels(self, kernels: str = "auto"):
+        """Choose the implementation: "auto", "triton", "torch" or "reference" (Qwen2Model.set_kernels)."""
+        self.model.set_kernels(kernels)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                input_pos=None, logits_to_keep: int = 0):
+        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+
+        attention_mask, position_ids, input_pos: as in Qwen2Model.forward.
         logits_to_keep: if > 0, compute logits for the last that many positions only.
         """
-        B, T = input_ids.shape
-        static = torch.is_tensor(input_pos)
-        if input_pos is not None and not self.max_cache_len:
-            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
-        if static:
-            q_slots, S = input_pos, self.max_cache_len                           # slots (T,), keys seen
-        else:
-            start = 0 if input_pos is None else int(input_pos)
-            q_slots, S = torch.arange(start, start + T, device=input_ids.device), start + T
-            if input_pos is not None and S > self.max_cache_len:
-                raise ValueError(f"positions {start}..{S} do not fit the KV cache of {self.max_cache_len} "
-                                 f"(call setup_cache with a larger max_len)")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slots]
-            else:
-                position_ids = q_slots[None].expand(B, T)                        # (B, T)
-        key_mask = attention_mask
-        if key_mask is not None and not static and bool(key_mask[:, :S].all()):
-            key_mask = None                                                      # nothing hidden
-
-        x = self.model.embed_tokens(input_ids)                                   # (B, T, hidden)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)                  # (B, T, head_dim) each
-        built = {}
-
-        def masks(window):  # one mask per window size, built on first use and shared by the layers
-            if window not in built:
-                # Plain causal attention needs no mask: SDPA's is_causal covers a prefill from slot 0,
-                # and a one-token decode sees every slot anyway.
-                plain = (not static and key_mask is None and (window is None or window >= S)
-                         and (T == 1 or S == T))
-                built[window] = None if plain else visibility_mask(q_slots, S, window, key_mask)
-            return built[window]
-
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos, key_mask, masks)
-        x = self.model.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        # lm_head on 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
-        logits = self.lm_head(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)  # (B, T, vocab)
+        hidden = self.model(input_ids, attention_mask, position_ids, input_pos)  # (B, T, hidden)
+        logits = self.logits(hidden, logits_to_keep)                             # (B, T, vocab)
         if labels is None:
             return logits
         return logits, causal_lm_loss(logits, labels)
+
+    def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """lm_head over the last `logits_to_keep` positions (0: all): (B, T, hidden) -> (B, T, vocab)."""
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        # On 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
 
     @property
     def device(self):
@@ -468,6 +551,10 @@ class Qwen2ForCausalLM(nn.Module):
     def dtype(self):
         return self.lm_head.weight.dtype
 
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored."""
@@ -479,6 +566,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Loading a checkpoint
 # ----------------------------------------------------------------------------------------------
+
+MODEL_TYPES = ("qwen2",)  # the config.json model_type values this file loads
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -494,18 +583,16 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
                                 f"Qwen/Qwen2.5-0.5B-Instruct)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import errors, snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    except GatedRepoError:
+    except errors.GatedRepoError:
         raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
                          f"(huggingface-cli login)") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
         raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
                                 f"hub") from None
-    except LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:
         raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
                                 f"cache; connect once or pass a local folder") from None
     except OSError as e:  # network errors surface as OSError subclasses
@@ -535,20 +622,28 @@ def safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def open_safetensors(file: str):
+    """safetensors' safe_open, with a damaged or truncated file reported as one clear error."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
+
+
 def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name: False):
     """Stream every tensor from the safetensors files into `model` (built on the meta device):
     one tensor at a time, straight to `device` and `dtype`, so no second full copy exists."""
-    from safetensors import safe_open
     expected = dict(model.named_parameters())
     seen = set()
     for file in safetensors_files(folder):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name not in expected:
                     if skip(name) or name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint does "
-                                     f"not match its config.json")
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
+                                     f"does not match its config.json")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
@@ -568,7 +663,8 @@ def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2ForCausalLM:
-    """Load a Qwen2/Qwen2.5 checkpoint: a local folder or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct".
+    """Load a Qwen2 / Qwen2.5 checkpoint: a local folder or a hub id such as
+    "Qwen/Qwen2.5-0.5B-Instruct".
 
     dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
     device: default "cpu". Parameters load with requires_grad=False; call
@@ -576,8 +672,9 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2ForCausa
     """
     folder = resolve_checkpoint(name_or_path)
     raw = load_config(folder)
-    if raw.get("model_type") != "qwen2":
-        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; qwen2.py loads 'qwen2'")
+    if raw.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
+                         f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
     config = Qwen2Config.from_dict(raw)
     if isinstance(dtype, str):
         if dtype not in DTYPES:

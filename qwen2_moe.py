@@ -17,29 +17,38 @@ where FeedForward is, on the *sparse* layers, a mixture of experts:
 Every expert (and the shared expert) is a SwiGLU MLP, `down(silu(gate(x)) * up(x))`. A token
 only runs through its K chosen experts, so most of the expert weights are idle for any one token.
 
+The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
+attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward
+(MLP, router, expert paths, `Experts`, `SparseMoeBlock`); layer, model, causal LM; losses; loading.
+What the files share is written identically (tests/test_copies.py holds them to it).
+
 What differs from Qwen2 (qwen2.py):
 * The MLP of the sparse layers (layer i is sparse iff i is not in `mlp_only_layers`,
   `num_experts > 0` and `(i + 1) % decoder_sparse_step == 0`) is the mixture of experts above,
-  with a shared expert gated by a sigmoid; the other layers keep a dense MLP.
+  with a shared expert gated by a sigmoid; the other layers keep a dense MLP. Each layer returns
+  its router logits, and with `output_router_logits` the loss adds `router_aux_loss_coef` times a
+  load-balancing loss.
 * q/k/v bias follows `qkv_bias` (default true); Qwen2 always has it.
 * Sliding-window layers (without `layer_types`): layer i slides iff `use_sliding_window`, i is
   even and `i < max_window_layers` (Qwen2: iff `i >= max_window_layers`).
-* With `output_router_logits`, the loss adds `router_aux_loss_coef` times a load-balancing loss.
 * Expert weights live stacked per layer, as transformers 5 keeps them in memory:
-  `mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I); the loader stacks
+  `mlp.experts.gate_up_proj` (E, 2I, C) and `mlp.experts.down_proj` (E, C, I); the loader stacks
   the per-expert tensors of the hub files into them.
 What differs from Qwen3-MoE (qwen3_moe.py): Qwen3-MoE has no shared expert, has per-head RMSNorm
 on queries and keys, an explicit head_dim, no q/k/v bias by default, slides on every layer when
 `use_sliding_window`, and renormalises the top-k weights (norm_topk_prob true in its checkpoints;
 false in Qwen1.5-MoE and Qwen2-MoE).
 
-The expert computation has two torch paths that give the same result: `experts_reference` (a
-loop over the experts that received tokens, the easiest to follow) and `experts_grouped` (tokens
-sorted by expert, one matmul per active expert; the default). On CUDA, the fused Triton kernel
-of kernels/moe.py replaces them when the `kernels` package sits next to this file.
+Each path has a spelled-out reference beside its fast versions, all tested equal. Attention:
+`reference_attention`, torch's SDPA, the Triton kernels. The routed experts: `experts_reference` (a
+loop over the experts that received tokens), `experts_grouped` (tokens sorted by expert, one matmul
+per active expert; the default on CPU), `experts_gathered` (static shapes, for torch.compile), and
+the fused Triton kernel of kernels/moe.py. `set_kernels` chooses; the Triton kernels are used when
+the kernels/ package sits next to this file and triton is installed.
 
 Parameter names are Hugging Face's (`model.layers.0.mlp.experts.gate_up_proj`, ...).
-transformers' `modeling_qwen2_moe.py` is the semantics we match.
+transformers' `modeling_qwen2_moe.py` is the semantics we match. The file needs torch and the
+standard library; its loader also imports safetensors (and huggingface_hub for hub ids) when called.
 
 References:
   Qwen1.5-MoE blog, https://qwenlm.github.io/blog/qwen-moe/
@@ -52,7 +61,6 @@ References:
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -63,14 +71,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional Triton kernels, used on CUDA when the `kernels` package sits next to this file
-    triton_attention = importlib.import_module("kernels.attention")
-except Exception:  # a copy of this file alone, no triton, no GPU: the torch path serves
+try:  # the optional Triton kernels: the kernels/ package beside this file, with triton installed
+    from kernels import attention as triton_attention
+except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise  # a real error inside the kernels is not hidden
     triton_attention = None
 try:
-    triton_moe = importlib.import_module("kernels.moe")
-except Exception:
+    from kernels import moe as triton_moe
+except ImportError as e:
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise
     triton_moe = None
+TRITON_KERNELS = (triton_attention, triton_moe)  # all of them must be present for set_kernels("triton")
+
+
+def use_triton(kernels: str, kernel_module, *tensors: torch.Tensor) -> bool:
+    """The one rule for every Triton kernel in this file: with `kernels="triton"` wherever the kernel
+    takes the tensors (Triton's CPU interpreter too), with "auto" on CUDA only; never with "torch"
+    or "reference", or when the kernels are absent."""
+    wanted = kernels == "triton" or (kernels == "auto" and tensors[0].is_cuda)
+    return wanted and kernel_module is not None and kernel_module.supports(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +113,7 @@ class Qwen2MoeConfig:
     rms_norm_eps: float = 1e-6          # epsilon inside RMSNorm
     rope_theta: float = 10000.0         # RoPE base wavelength
     rope_type: str = "default"          # "default", "linear", "dynamic" or "yarn"
-    rope_scaling: dict | None = None    # the scaling parameters (factor, original_max_position_embeddings, ...)
+    rope_scaling: dict | None = None    # its parameters (factor, original_max_position_embeddings, ...)
     tie_word_embeddings: bool = False   # lm_head shares the embedding matrix
     qkv_bias: bool = True               # bias on q_proj, k_proj, v_proj (never on o_proj)
     use_sliding_window: bool = False    # turn sliding-window attention on
@@ -119,7 +140,8 @@ class Qwen2MoeConfig:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rope_type not in ("default", "linear", "dynamic", "yarn"):
-            raise ValueError(f"unsupported RoPE type {self.rope_type!r} (supported: default, linear, dynamic, yarn)")
+            raise ValueError(f"unsupported RoPE type {self.rope_type!r} "
+                             f"(supported: default, linear, dynamic, yarn)")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (Qwen2-MoE uses silu)")
         self.mlp_only_layers = list(self.mlp_only_layers or [])
@@ -133,14 +155,16 @@ class Qwen2MoeConfig:
                                 and i < self.max_window_layers else "full_attention"
                                 for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` in keys, or None for full causal attention."""
         if self.layer_types[layer] != "sliding_attention":
             return None
         if not self.use_sliding_window or not self.sliding_window:
-            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no sliding window")
+            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no "
+                             f"sliding window")
         return self.sliding_window
 
     def is_sparse(self, layer: int) -> bool:
@@ -157,7 +181,7 @@ class Qwen2MoeConfig:
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
         kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype")
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # (rope_scaling wins)
         kwargs["rope_theta"] = float(rope.pop("rope_theta", d.get("rope_theta", cls.rope_theta)))
         kwargs["rope_type"] = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
@@ -166,7 +190,7 @@ class Qwen2MoeConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
+# RMSNorm and rotary position embeddings
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -260,7 +284,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
+                    key_mask: torch.Tensor | None) -> torch.Tensor:
     """Which keys each query may see: (B or 1, 1, T, S) booleans.
 
     Query i sits at cache slot q_slots[i]; key slot j is visible when j <= q_slots[i] (causal),
@@ -297,122 +326,213 @@ def reference_attention(q, k, v, mask, scale):
     return (probs @ v[:, :, None]).view(B, H, T, D)                     # (B, H, T, D)
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixture of experts
-# ----------------------------------------------------------------------------------------------
-
-def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each token's experts. router_logits (N, E) in the model dtype -> (weights, ids), each (N, K).
-
-    Softmax over all E experts in float32, keep the K largest; rescale them to sum to 1 only when
-    norm_topk_prob (Qwen1.5-MoE and Qwen2-MoE checkpoints: off); weights in the model dtype.
-    """
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)     # (N, E)
-    weights, ids = torch.topk(probs, top_k, dim=-1)                       # (N, K) each
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
+def sdpa_attention(q, k, v, mask, scale):
+    """The fast torch path: the same function through torch's fused scaled_dot_product_attention.
+    mask None means plain causal attention here (no mask tensor is built; one query row sees
+    every key)."""
+    if mask is None and q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-def experts_reference(x, w_gate_up, w_down, ids, weights):
-    """The routed experts, spelled out: a loop over the experts that received tokens.
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim).
 
-    x: (N, H) tokens; w_gate_up: (E, 2I, H), rows [0, I) the gate projection, [I, 2I) the up
-    projection; w_down: (E, H, I); ids, weights: (N, K) each token's experts and routing weights.
-    Returns (N, H): out[n] = sum_k weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])), e = ids[n, k].
-    Same arithmetic and order as transformers' eager experts (index_add_ expert by expert).
-    """
-    out = torch.zeros_like(x)                                             # (N, H)
-    for e in ids.unique().tolist():                                       # experts with tokens, ascending
-        token, slot = torch.where(ids == e)                               # its tokens, and which of their K picks
-        gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)      # (n_e, I) each
-        y = F.linear(F.silu(gate) * up, w_down[e])                        # (n_e, H)
-        out.index_add_(0, token, y * weights[token, slot, None])          # weighted, into each token's row
-    return out
+    One contract: `update` writes this step's keys and values at their cache slots and returns the
+    whole cache; attention reads its first `Step.num_keys` slots (a view, no copy)."""
 
-
-def experts_grouped(x, w_gate_up, w_down, ids, weights):
-    """The routed experts, batched: the same result as experts_reference, faster.
-
-    The N*K (token, expert) pairs are sorted by expert, so each expert's tokens form one contiguous
-    block of rows: one matmul per active expert and projection, written into a shared buffer, and
-    everything else (SiLU, routing weights, the sum over K) done once for all rows. Experts that got
-    no token are skipped, so a one-token decode step reads only its K experts' weights. (The sum
-    over each token's K rows is transformers' grouped_mm order too.)
-    """
-    N, K = ids.shape
-    P, H, I = N * K, x.shape[1], w_down.shape[2]
-    flat = ids.reshape(-1)                                                # (P,) expert of pair p = n*K + k
-    order = flat.argsort(stable=True)                                     # (P,) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=w_down.shape[0]).tolist()     # (E,) pairs per expert (host sync)
-    groups, start = [], 0                                                 # (expert, its rows), active only
-    for e, n in enumerate(counts):
-        if n:
-            groups.append((e, slice(start, start + n)))
-            start += n
-    xs = x.index_select(0, order // K)                                    # (P, H) each pair's token, grouped
-    gate_up = x.new_empty(P, 2 * I)                                       # (P, 2I)
-    for e, rows in groups:
-        torch.mm(xs[rows], w_gate_up[e].t(), out=gate_up[rows])
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
-    h = F.silu(gate) * up                                                 # (P, I)
-    ys = x.new_empty(P, H)                                                # (P, H)
-    for e, rows in groups:
-        torch.mm(h[rows], w_down[e].t(), out=ys[rows])
-    ys *= weights.reshape(-1, 1).index_select(0, order)                   # times each pair's routing weight
-    out = ys.index_select(0, order.argsort())                             # (P, H) back in pair order n*K + k
-    return out.view(N, K, H).sum(dim=1)                                   # (N, H) each token's K rows summed
-
-
-def experts_gathered(x, w_gate_up, w_down, ids, weights):
-    """The routed experts with static shapes (for torch.compile / CUDA graphs, which cannot take
-    experts_grouped's data-dependent loop): gather each pair's expert weights, (N, K, 2I, H).
-    Reads only the chosen experts but copies them, so it suits decode steps (N small) only."""
-    gate_up = torch.einsum("nh,nkoh->nko", x, w_gate_up[ids])             # (N, K, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (N, K, I) each
-    y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, w_down[ids])     # (N, K, H)
-    return (y * weights[..., None]).sum(dim=1)                            # (N, H)
-
-
-class Experts(nn.Module):
-    """The E routed experts of one layer, stacked (as transformers 5 keeps them in memory)."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
-        E, H, I = num_experts, hidden_size, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H).normal_(std=0.02))  # [gate; up] rows
-        self.down_proj = nn.Parameter(torch.empty(E, H, I).normal_(std=0.02))
-        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by set_kernels
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def forward(self, x, ids, weights):
-        # x: (N, H); ids, weights: (N, K) -> (N, H)
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if self.kernels == "reference":
-            return experts_reference(x, w_gate_up, w_down, ids, weights)
-        # The fused Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU
-        # interpreter), inside torch.compile too. Without it, torch.compile takes the static-shape
-        # experts_gathered.
-        wanted = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
-        if wanted and triton_moe is not None and triton_moe.supports(x, w_gate_up):
-            return triton_moe.fused_moe(x, w_gate_up, w_down, ids, weights)
-        if torch.compiler.is_compiling():
-            return experts_gathered(x, w_gate_up, w_down, ids, weights)
-        return experts_grouped(x, w_gate_up, w_down, ids, weights)
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KVH, T, D) at the (T,) cache slots; return the cache, (B, KVH, max_len, D) each."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
+
+@dataclass
+class Step:
+    """One forward pass as every layer sees it, decided once in the model's `make_step`."""
+    cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
+    sin: torch.Tensor                  # (B, T, head_dim) rotary sines
+    slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
+    start: int | torch.Tensor          # slot of the first query: an int, or a (1,) tensor when static
+    num_keys: int                      # attention reads key slots [0, num_keys)
+    masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
+    left_pad: torch.Tensor | None      # (B,) padding slots at the start of each row (Triton kernels)
+    kernels: str                       # "auto" | "triton" | "torch" | "reference" (set_kernels)
+
+    @property
+    def static(self) -> bool:
+        """Static shapes (a tensor input_pos): attention spans the whole cache, for torch.compile and
+        CUDA graphs, and no path may depend on the data (no host syncs, no data-sized loops)."""
+        return torch.is_tensor(self.start)
+
+
+def cache_slots(input_pos, T: int, device) -> torch.Tensor:
+    """The (T,) cache slots of a forward's tokens: input_pos itself when it is a tensor of slots,
+    else the T slots from input_pos (None: 0) on."""
+    if torch.is_tensor(input_pos):
+        return input_pos
+    start = int(input_pos or 0)
+    return torch.arange(start, start + T, device=device)
+
+
+def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, KVH, S, D) by this step's path (set_kernels): the
+    spelled-out reference, the Triton kernels, or torch's SDPA. Returns (B, H, T, D)."""
+    scale = q.shape[-1] ** -0.5
+    if step.kernels == "reference":
+        return reference_attention(q, k, v, step.masks[window], scale)
+    # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
+    if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
+        return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
+    return sdpa_attention(q, k, v, step.masks[window], scale)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2MoeConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.window(layer)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.cache: KVCache | None = None  # set by setup_cache
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.slots is not None:                     # with a KV cache: store, then read every slot so far
+            k, v = self.cache.update(step.slots, k, v)                                 # (B, KVH, max_len, D)
+            k, v = k[:, :, :step.num_keys], v[:, :, :step.num_keys]                    # (B, KVH, S, D)
+        out = attend(q, k, v, step, self.window)                                         # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+# ----------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts: router_logits (N, E) in the model dtype -> (topk_weights, topk_ids),
+    each (N, K).
+
+    Softmax over all E experts in float32, keep the K largest; rescale them to sum to 1 only when
+    norm_topk_prob; the weights come back in the model dtype.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)     # (N, E)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)             # (N, K) each
+    if norm_topk_prob:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights.to(router_logits.dtype), topk_ids
+
+
+# The routed experts: three torch paths that compute the same function (plus kernels.moe.fused_moe)
+#
+#   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
+#
+#   x (N, C) tokens, w_gate_up (E, 2I, C) [rows [0, I) the gate projection, rows [I, 2I) the up
+#   projection], w_down (E, C, I), topk_ids (N, K) int, topk_weights (N, K)  ->  (N, C) in x.dtype
+
+def experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The reference: a loop over the experts that received tokens, in the same arithmetic and order
+    as transformers' eager experts (index_add_ expert by expert)."""
+    out = torch.zeros_like(x)                                             # (N, C)
+    for e in topk_ids.unique().tolist():                                  # experts with tokens, ascending
+        token, slot = torch.where(topk_ids == e)                          # its tokens, and which pick
+        gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)      # (n_e, I) each
+        y = F.linear(F.silu(gate) * up, w_down[e])                        # (n_e, C)
+        out.index_add_(0, token, y * topk_weights[token, slot, None])     # weighted, into each token's row
+    return out
+
+
+def experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The fast torch path. The N*K (token, expert) pairs are sorted by expert, so each active expert
+    works on one contiguous block of rows: one matmul per active expert and projection, everything
+    else (SiLU, routing weights, the sum over K) done once for all rows. Experts that received no
+    token are never read (a batch-1 decode step reads exactly its K experts). Only gathers
+    (index_select) move rows: index_add_ is slow on CPU. The sum over each token's K rows is
+    transformers' grouped_mm order too."""
+    N, K = topk_ids.shape
+    pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
+    order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
+    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert (host sync)
+    groups, start = [], 0                                                 # (expert, its rows), active only
+    for e, n in enumerate(counts):
+        if n:
+            groups.append((e, slice(start, start + n)))
+            start += n
+    xs = x.index_select(0, order // K)                                    # (P, C) each pair's token, grouped
+    gate_up = torch.cat([F.linear(xs[rows], w_gate_up[e]) for e, rows in groups])  # (P, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
+    h = F.silu(gate) * up                                                 # (P, I)
+    y = torch.cat([F.linear(h[rows], w_down[e]) for e, rows in groups])   # (P, C)
+    y = y * topk_weights.reshape(-1, 1).index_select(0, order)            # (P, C) times each routing weight
+    y = y.index_select(0, torch.argsort(order))                           # (P, C) back in pair order
+    return y.view(N, K, -1).sum(dim=1)                                    # (N, C) each token's K rows summed
+
+
+def experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The static-shape path, for torch.compile and CUDA graphs (experts_grouped's loop depends on the
+    data): each pair gathers its expert's weights, (N, K, 2I, C). It reads only the chosen experts
+    but copies them, so it suits decode steps (N small) only."""
+    gate_up = torch.einsum("nc,nkoc->nko", x, w_gate_up[topk_ids])        # (N, K, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (N, K, I) each
+    y = torch.einsum("nki,nkci->nkc", F.silu(gate) * up, w_down[topk_ids])  # (N, K, C)
+    return (y * topk_weights[..., None]).sum(dim=1)                       # (N, C)
+
+
+class Experts(nn.Module):
+    """The E routed experts of one layer, stacked (as transformers 5 keeps them in memory):
+    gate_up_proj (E, 2I, C), each expert's gate rows then its up rows, and down_proj (E, C, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        E, C, I = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C).normal_(std=0.02))  # (a no-op on meta)
+        self.down_proj = nn.Parameter(torch.empty(E, C, I).normal_(std=0.02))
+
+    def forward(self, x, topk_ids, topk_weights, kernels: str = "auto", static: bool = False) -> torch.Tensor:
+        """x (N, C), topk_ids and topk_weights (N, K) -> (N, C), by the path set_kernels chose:
+        experts_reference; else the fused Triton kernel (it has static shapes too); else
+        experts_gathered under static shapes; else experts_grouped."""
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if kernels == "reference":
+            return experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
+        if use_triton(kernels, triton_moe, x, w_gate_up):
+            return triton_moe.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+        if static:
+            return experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights)
+        return experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights)
+
+
 class SparseMoeBlock(nn.Module):
-    """Router + routed experts + sigmoid-gated shared expert. Returns (output, router logits)."""
+    """The mixture of experts of a sparse layer: router, routed experts, and a shared expert that every
+    token runs through, gated by a sigmoid."""
 
     def __init__(self, config: Qwen2MoeConfig):
         super().__init__()
@@ -422,14 +542,226 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x):
-        B, T, H = x.shape
-        x = x.reshape(B * T, H)                                              # (N, H), N = B*T tokens
+    def forward(self, x: torch.Tensor, kernels: str = "auto", static: bool = False):
+        """x (B, T, C) -> (output (B, T, C), router logits (B*T, E)); kernels and static as in Experts."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                              # (N, C), N = B*T tokens
         router_logits = self.gate(x)                                         # (N, E) in the model dtype
-        weights, ids = route(router_logits, self.top_k, self.norm_topk_prob)  # (N, K) each
-        routed = self.experts(x, ids, weights)                               # (N, H)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, 1) * (N, H)
-        return (routed + shared).view(B, T, H), router_logits
+        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)  # (N, K) each
+        routed = self.experts(x, topk_ids, topk_weights, kernels, static)    # (N, C)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, 1) * (N, C)
+        return (routed + shared).view(B, T, C), router_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer, model, causal LM
+# ----------------------------------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2MoeConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sparse = config.is_sparse(layer)
+        self.mlp = (SparseMoeBlock(config) if self.sparse
+                    else MLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x: torch.Tensor, step: Step):
+        """Returns (x, router logits (B*T, E)); the router logits are None on a dense layer."""
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        h = self.post_attention_layernorm(x)
+        if not self.sparse:
+            return x + self.mlp(h), None
+        h, router_logits = self.mlp(h, step.kernels, step.static)
+        return x + h, router_logits
+
+
+class Qwen2MoeModel(nn.Module):
+    """The decoder stack: token ids -> final hidden states. It holds the KV caches and the choice of
+    kernels, which the causal LM's methods of the same names forward to."""
+
+    def __init__(self, config: Qwen2MoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.max_cache_len = 0   # slots of the KV caches (0: none set up)
+        self.kernels = "auto"    # see set_kernels
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
+
+        A cache of that shape that is already set up is kept, not cleared (a step never sees the
+        slots past its own, so old values are harmless): its memory stays where a captured CUDA
+        graph expects it."""
+        ref = self.embed_tokens.weight
+        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
+        for layer in self.layers:
+            attn, cache = layer.self_attn, layer.self_attn.cache
+            shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
+            if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
+                attn.cache = KVCache(*shape, dtype, device)
+        self.max_cache_len = max_len
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+        self.max_cache_len = 0
+
+    def set_kernels(self, kernels: str = "auto"):
+        """Which implementation the layers run. "auto": the Triton kernels on CUDA when they are
+        present, else torch's fast paths; "triton": the Triton kernels wherever they take the tensors
+        (also Triton's CPU interpreter); "torch": never Triton; "reference": the spelled-out
+        reference paths, the easiest to read (the file's header names them)."""
+        if kernels not in ("auto", "triton", "torch", "reference"):
+            raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
+        if kernels == "triton" and None in TRITON_KERNELS:
+            raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
+        self.kernels = kernels
+
+    def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:
+        """What every layer needs besides the hidden states, decided once per forward (see forward)."""
+        B, T = input_ids.shape
+        if input_pos is not None and not self.max_cache_len:
+            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
+        static = torch.is_tensor(input_pos)
+        slots = cache_slots(input_pos, T, input_ids.device)                     # (T,)
+        start = input_pos if static else int(input_pos or 0)
+        num_keys = self.max_cache_len if static else start + T                  # key slots attention reads
+        if input_pos is not None and num_keys > self.max_cache_len:
+            raise ValueError(f"positions {start}..{num_keys} do not fit the KV cache of {self.max_cache_len} "
+                             f"(call setup_cache with a larger max_len)")
+        if position_ids is None:  # with left padding, count real tokens only (as transformers' generate)
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]
+            else:
+                position_ids = slots[None].expand(B, T)                          # (B, T)
+        key_mask = attention_mask
+        if key_mask is not None and not static and bool(key_mask[:, :num_keys].all()):
+            key_mask = None                                                      # nothing hidden
+        # Plain causal attention needs no mask tensor: SDPA's is_causal covers a prefill from slot 0,
+        # and a one-token decode sees every slot. The reference path always gets it spelled out.
+        plain = not static and key_mask is None and (T == 1 or num_keys == T) and self.kernels != "reference"
+        masks = {}                                                               # one per window size
+        for window in {layer.self_attn.window for layer in self.layers}:
+            wide = window is None or window >= num_keys
+            masks[window] = None if plain and wide else visibility_mask(slots, num_keys, window, key_mask)
+        cos, sin = self.rotary_emb(position_ids, dtype)                          # (B, T, head_dim) each
+        left_pad = None if key_mask is None else (key_mask[:, :num_keys] == 0).sum(-1)  # (B,)
+        return Step(cos, sin, None if input_pos is None else slots, start, num_keys, masks, left_pad,
+                    self.kernels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, input_pos=None, output_router_logits: bool = False):
+        """input_ids (B, T) -> (hidden states (B, T, hidden) after the final norm, router logits).
+
+        router logits: with output_router_logits, a tuple of each sparse layer's (B*T, E) router
+          logits in layer order (model dtype); else None.
+
+        input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
+          untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
+          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same
+          with static shapes: attention runs over the whole cache, masked (for torch.compile and
+          CUDA graphs).
+        attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
+          slot so far (the whole cache when input_pos is a tensor). Positions then count real
+          tokens only, as transformers' generate does.
+        position_ids: (B, T) positions for RoPE, instead of the ones derived from the above.
+        """
+        x = self.embed_tokens(input_ids)                                         # (B, T, hidden)
+        step = self.make_step(input_ids, attention_mask, position_ids, input_pos, x.dtype)
+        router_logits = []
+        for layer in self.layers:
+            x, layer_router_logits = layer(x, step)
+            if output_router_logits and layer_router_logits is not None:
+                router_logits.append(layer_router_logits)                        # (B*T, E)
+        return self.norm(x), (tuple(router_logits) if output_router_logits else None)
+
+
+class Qwen2MoeForCausalLM(nn.Module):
+    """The decoder stack and the language-model head: token ids -> next-token logits."""
+
+    def __init__(self, config: Qwen2MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, see there
+        self.aux_loss: torch.Tensor | None = None
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate every layer's KV cache (Qwen2MoeModel.setup_cache)."""
+        self.model.setup_cache(batch_size, max_len, dtype, device)
+
+    def clear_cache(self):
+        self.model.clear_cache()
+
+    def set_kernels(self, kernels: str = "auto"):
+        """Choose the implementation: "auto", "triton", "torch" or "reference" (Qwen2MoeModel.set_kernels)."""
+        self.model.set_kernels(kernels)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                input_pos=None, logits_to_keep: int = 0, output_router_logits: bool | None = None):
+        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+
+        attention_mask, position_ids, input_pos: as in Qwen2MoeModel.forward.
+        logits_to_keep: if > 0, compute logits for the last that many positions only.
+        output_router_logits: None = config.output_router_logits. When on, this forward leaves
+          `self.router_logits` (one (B*T, E) tensor per sparse layer, in layer order, model dtype)
+          and `self.aux_loss` (the load-balancing loss, padding left out by attention_mask), and the
+          loss with labels is cross-entropy + router_aux_loss_coef * aux_loss, as in transformers.
+          When off (or without sparse layers), both attributes are None. The return value has the
+          same form either way.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, input_pos,
+                                           output_router_logits)                 # (B, T, hidden)
+        logits = self.logits(hidden, logits_to_keep)                             # (B, T, vocab)
+        self.router_logits, self.aux_loss = router_logits or None, None
+        if self.router_logits:
+            token_mask = None                                                    # (B, T) of this forward
+            if attention_mask is not None:
+                token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
+            self.aux_loss = load_balancing_loss(self.router_logits, self.config.num_experts,
+                                                self.config.num_experts_per_tok, token_mask)
+        if labels is None:
+            return logits
+        loss = causal_lm_loss(logits, labels)
+        if self.aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss.to(loss.device)
+        return logits, loss
+
+    def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """lm_head over the last `logits_to_keep` positions (0: all): (B, T, hidden) -> (B, T, vocab)."""
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        # On 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored."""
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100)
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
@@ -441,8 +773,6 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     that went to expert e (K picks per row), P_e = mean router probability of e;
     aux = E * sum_e f_e * P_e, which is K when routing is uniform.
     """
-    if not router_logits:
-        return torch.zeros(())
     logits = torch.cat(router_logits)                                     # (L*N, E)
     probs = torch.softmax(logits, dim=-1)                                 # (L*N, E) in the logits' dtype
     picks = torch.topk(probs, top_k, dim=-1).indices                      # (L*N, K)
@@ -458,261 +788,13 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
 
 
 # ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
-
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
-
-    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, KVH, T, D) at cache slots input_pos .. input_pos + T - 1.
-
-        input_pos an int: return the slots written so far, (B, KVH, input_pos + T, D).
-        input_pos a (T,) tensor of slots (static shapes for torch.compile / CUDA graphs): return
-        the whole cache, (B, KVH, max_len, D); the attention mask hides the unwritten slots.
-        """
-        if torch.is_tensor(input_pos):
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
-            return self.k, self.v
-        end = input_pos + k.shape[2]
-        self.k[:, :, input_pos:end] = k
-        self.v[:, :, input_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class Attention(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig, layer: int):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
-        self.window = config.window(layer)
-        bias = config.qkv_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.cache: KVCache | None = None
-        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by set_kernels
-
-    def forward(self, x, cos, sin, input_pos, key_mask, masks):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:                                    # a cached forward: write, then read the cache
-            k, v = self.cache.update(input_pos, k, v)                                   # (B, KVH, S, D)
-        out = self.attend(q, k, v, input_pos, key_mask, masks)                            # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    def attend(self, q, k, v, input_pos, key_mask, masks):
-        scale = self.head_dim ** -0.5
-        start = 0 if input_pos is None else input_pos
-        # The Triton kernels: "auto" on CUDA, "triton" wherever they run (also Triton's CPU interpreter).
-        # On the static path (tensor input_pos) only one-token decode: that kernel reads the slot
-        # from the tensor and skips the cache slots past it.
-        wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
-        static_prefill = torch.is_tensor(start) and q.shape[2] > 1
-        if wanted and triton_attention is not None and not static_prefill and triton_attention.supports(q, k):
-            pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
-            return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
-        mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
-        if self.kernels == "reference":
-            if mask is None:  # spell out the causal mask for the reference path
-                slots = torch.arange(start, start + q.shape[2], device=q.device)
-                mask = visibility_mask(slots, k.shape[2], None, None)
-            return reference_attention(q, k, v, mask, scale)
-        if mask is None and q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.sparse = config.is_sparse(layer)
-        self.mlp = SparseMoeBlock(config) if self.sparse else MLP(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x, cos, sin, input_pos, key_mask, masks):
-        """Returns (x, router logits (B*T, E)); the router logits are None on a dense layer."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, key_mask, masks)
-        h = self.post_attention_layernorm(x)
-        if self.sparse:
-            h, router_logits = self.mlp(h)
-            return x + h, router_logits
-        return x + self.mlp(h), None
-
-
-class Qwen2MoeModel(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
-
-
-class Qwen2MoeForCausalLM(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.max_cache_len = 0
-        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, see there
-        self.aux_loss: torch.Tensor | None = None
-
-    # -- KV cache ------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
-
-        A cache of that shape that is already set up is kept, not cleared (a step never sees the
-        slots past its own, so old values are harmless): its memory stays where a captured CUDA
-        graph expects it."""
-        ref = self.lm_head.weight
-        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        shape = (batch_size, self.config.num_key_value_heads, max_len, self.config.head_dim)
-        for layer in self.model.layers:
-            cache = layer.self_attn.cache
-            if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
-                layer.self_attn.cache = KVCache(*shape, dtype, device)
-        self.max_cache_len = max_len
-
-    def clear_cache(self):
-        for layer in self.model.layers:
-            layer.self_attn.cache = None
-        self.max_cache_len = 0
-
-    def set_kernels(self, kernels: str = "auto"):
-        """"auto": Triton kernels (attention, fused MoE) on CUDA when available; "triton": insist;
-        "torch": SDPA and experts_grouped; "reference": the spelled-out `reference_attention` and
-        `experts_reference`."""
-        if kernels not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
-        if kernels == "triton" and (triton_attention is None or triton_moe is None):
-            raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
-        for layer in self.model.layers:
-            layer.self_attn.kernels = kernels
-            if layer.sparse:
-                layer.mlp.experts.kernels = kernels
-
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                input_pos=None, logits_to_keep: int = 0, output_router_logits: bool | None = None):
-        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
-
-        input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
-          untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
-          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same
-          with static shapes: attention runs over the whole cache, masked (for torch.compile and
-          CUDA graphs).
-        attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
-          slot so far (the whole cache when input_pos is a tensor). Positions then count real
-          tokens only, as transformers' generate does.
-        logits_to_keep: if > 0, compute logits for the last that many positions only.
-        output_router_logits: None = config.output_router_logits. When on, this forward leaves
-          `self.router_logits` (one (B*T, E) tensor per sparse layer, in layer order, model dtype)
-          and `self.aux_loss` (the load-balancing loss, padding left out by attention_mask), and the
-          loss with labels is cross-entropy + router_aux_loss_coef * aux_loss, as in transformers.
-          When off, both attributes are None. The return value has the same form either way.
-        """
-        B, T = input_ids.shape
-        static = torch.is_tensor(input_pos)
-        if input_pos is not None and not self.max_cache_len:
-            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
-        if static:
-            q_slots, S = input_pos, self.max_cache_len                           # slots (T,), keys seen
-        else:
-            start = 0 if input_pos is None else int(input_pos)
-            q_slots, S = torch.arange(start, start + T, device=input_ids.device), start + T
-            if input_pos is not None and S > self.max_cache_len:
-                raise ValueError(f"positions {start}..{S} do not fit the KV cache of {self.max_cache_len} "
-                                 f"(call setup_cache with a larger max_len)")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slots]
-            else:
-                position_ids = q_slots[None].expand(B, T)                        # (B, T)
-        key_mask = attention_mask
-        if key_mask is not None and not static and bool(key_mask[:, :S].all()):
-            key_mask = None                                                      # nothing hidden
-        keep_router = self.config.output_router_logits if output_router_logits is None else output_router_logits
-
-        x = self.model.embed_tokens(input_ids)                                   # (B, T, hidden)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)                  # (B, T, head_dim) each
-        built = {}
-
-        def masks(window):  # one mask per window size, built on first use and shared by the layers
-            if window not in built:
-                # Plain causal attention needs no mask: SDPA's is_causal covers a prefill from slot 0,
-                # and a one-token decode sees every slot anyway.
-                plain = (not static and key_mask is None and (window is None or window >= S)
-                         and (T == 1 or S == T))
-                built[window] = None if plain else visibility_mask(q_slots, S, window, key_mask)
-            return built[window]
-
-        router_logits = []
-        for layer in self.model.layers:
-            x, layer_router_logits = layer(x, cos, sin, input_pos, key_mask, masks)
-            if keep_router and layer_router_logits is not None:
-                router_logits.append(layer_router_logits)                        # (B*T, E)
-        x = self.model.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        # lm_head on 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
-        logits = self.lm_head(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)  # (B, T, vocab)
-
-        self.router_logits = self.aux_loss = None
-        if keep_router:
-            token_mask = None if attention_mask is None else attention_mask[:, q_slots]  # (B, T)
-            self.router_logits = tuple(router_logits)
-            self.aux_loss = load_balancing_loss(self.router_logits, self.config.num_experts,
-                                                self.config.num_experts_per_tok, token_mask)
-        if labels is None:
-            return logits
-        loss = causal_lm_loss(logits, labels)
-        if keep_router:
-            loss = loss + self.config.router_aux_loss_coef * self.aux_loss.to(loss.device)
-        return logits, loss
-
-    @property
-    def device(self):
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self):
-        return self.lm_head.weight.dtype
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored."""
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=-100)
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading a checkpoint
 # ----------------------------------------------------------------------------------------------
 
+MODEL_TYPES = ("qwen2_moe",)  # the config.json model_type values this file loads
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# The hub's per-expert tensors, stacked on load into mlp.experts.gate_up_proj / down_proj.
-EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -725,18 +807,16 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
                                 f"Qwen/Qwen1.5-MoE-A2.7B-Chat)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import errors, snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    except GatedRepoError:
+    except errors.GatedRepoError:
         raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
                          f"(huggingface-cli login)") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
         raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
                                 f"hub") from None
-    except LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:
         raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
                                 f"cache; connect once or pass a local folder") from None
     except OSError as e:  # network errors surface as OSError subclasses
@@ -766,21 +846,35 @@ def safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def open_safetensors(file: str):
+    """safetensors' safe_open, with a damaged or truncated file reported as one clear error."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
+
+
+# One expert's projection as hub checkpoints (and transformers 5's save_pretrained) store it; the
+# loader stacks these into mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I).
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
 def check_expert_counts(expected: dict, files: list[str]):
-    """Before reading any tensor: each layer's per-expert tensors must number config.num_experts."""
-    from safetensors import safe_open
+    """Before any tensor is read: only sparse layers have per-expert tensors, and each layer's
+    number config.num_experts."""
     last = {}  # "model.layers.L.mlp.experts" -> (highest expert index, its tensor name)
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
-                m = EXPERT_TENSOR.match(name)
-                if m:
-                    prefix, e = m.group(1), int(m.group(2))
-                    if prefix + ".gate_up_proj" not in expected:
-                        raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: config.json makes "
-                                         f"this layer a dense MLP")
-                    if e >= last.get(prefix, (-1, ""))[0]:
-                        last[prefix] = (e, name)
+                m = EXPERT_KEY.match(name)
+                if not m:
+                    continue
+                if m[1] + ".gate_up_proj" not in expected:
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: config.json "
+                                     f"makes this layer a dense MLP")
+                if int(m[2]) >= last.get(m[1], (-1, ""))[0]:
+                    last[m[1]] = (int(m[2]), name)
     for prefix, (e, name) in last.items():
         want = tuple(expected[prefix + ".gate_up_proj"].shape)
         if e + 1 != want[0]:
@@ -793,57 +887,65 @@ def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name:
     one tensor at a time, straight to `device` and `dtype`, so no second full copy exists.
 
     Per-expert tensors `...mlp.experts.E.{gate,up,down}_proj.weight` (the hub layout) are copied
-    into their slot of the stacked parameter, allocated once on `device`; fused files that
+    into their slice of the stacked parameter, allocated once on `device`; fused files that
     already hold `...mlp.experts.gate_up_proj` / `down_proj` load as they are.
     """
-    from safetensors import safe_open
     expected = dict(model.named_parameters())
     files = safetensors_files(folder)
     check_expert_counts(expected, files)
-    seen, stacked = set(), {}
+    seen, stacked = set(), set()  # tensor names read; stacked parameters built from per-expert pieces
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
-                m = EXPERT_TENSOR.match(name)
-                if m:  # one expert's projection: copy it into its slot of the stacked parameter
-                    prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-                    target = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-                    shape = expected[target].shape                    # (E, 2I, H) or (E, H, I)
-                    want = (shape[1] // 2, shape[2]) if proj != "down_proj" else tuple(shape[1:])
+                m = EXPERT_KEY.match(name)
+                if m:  # one expert's projection: copy it into its slice of the stacked parameter
+                    prefix, e, part = m[1], int(m[2]), m[3]
+                    target = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+                    shape = expected[target].shape                          # (E, 2I, C) or (E, C, I)
+                    I = expected[f"{prefix}.down_proj"].shape[2]
+                    want = tuple(shape[1:]) if part == "down" else (I, shape[2])
                     tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != want:
-                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects {want}")
-                    if target not in stacked:
-                        stacked[target] = torch.empty(tuple(shape), device=device, dtype=dtype)
-                        set_parameter(model, target, stacked[target])
-                    rows = {"gate_proj": slice(0, want[0]), "up_proj": slice(want[0], 2 * want[0]),
-                            "down_proj": slice(None)}[proj]
-                    stacked[target][e, rows].copy_(tensor)
+                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                         f"{want}")
+                    if target in seen:
+                        raise ValueError(f"tensor {name} repeats an expert of {target}, also in the "
+                                         f"checkpoint")
+                    if target not in stacked:                               # the first piece: allocate
+                        set_parameter(model, target, torch.empty(shape, device=device, dtype=dtype))
+                        stacked.add(target)
+                    rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[part]
+                    model.get_parameter(target)[e, rows].copy_(tensor)
                     seen.add(name)
                     continue
                 if name not in expected:
                     if skip(name) or name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint does "
-                                     f"not match its config.json")
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
+                                     f"does not match its config.json")
+                if name in stacked:
+                    raise ValueError(f"tensor {name} repeats experts already read one by one in the "
+                                     f"checkpoint")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
                                      f"{tuple(expected[name].shape)}")
                 set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 seen.add(name)
-    needed = []  # every tensor the checkpoint must hold: a stacked parameter counts as loaded
-    for name, p in expected.items():  # when its fused tensor was read, else needs all its experts
-        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and name not in seen:
-            prefix, projs = name.rsplit(".", 1)[0], (("gate_proj", "up_proj") if name.endswith("gate_up_proj")
-                                                     else ("down_proj",))
-            needed += [f"{prefix}.{e}.{proj}.weight" for e in range(p.shape[0]) for proj in projs]
-        else:
+    needed = []  # the tensors the checkpoint must hold: a stacked parameter, or else each of its pieces
+    for name, p in expected.items():
+        if name in seen or not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             needed.append(name)
+            continue
+        prefix, parts = name.rsplit(".", 1)[0], ("down",) if name.endswith("down_proj") else ("gate", "up")
+        needed += [f"{prefix}.{e}.{part}_proj.weight" for e in range(p.shape[0]) for part in parts]
     missing = [n for n in needed if n not in seen]
     if missing:
+        expert = EXPERT_KEY.match(missing[0])
         raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
-                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                         (f"; the config has {expected[expert[1] + '.down_proj'].shape[0]} experts per layer"
+                          if expert else ""))
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -862,9 +964,9 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2MoeForCa
     """
     folder = resolve_checkpoint(name_or_path)
     raw = load_config(folder)
-    if raw.get("model_type") != "qwen2_moe":
-        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; qwen2_moe.py loads "
-                         f"'qwen2_moe'")
+    if raw.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
+                         f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
     config = Qwen2MoeConfig.from_dict(raw)
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -1,5 +1,8 @@
 """Qwen3 and Qwen3-MoE in one file (Hugging Face `model_type` "qwen3_moe", and dense "qwen3").
 
+Checkpoints: Qwen/Qwen3-30B-A3B (128 experts, 8 per token) and Qwen/Qwen3-235B-A22B; dense
+Qwen/Qwen3-0.6B ... 32B.
+
 A decoder-only transformer, read top to bottom:
 
     tokens -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
@@ -13,9 +16,14 @@ A decoder-only transformer, read top to bottom:
 * Mixture of experts: a router (`mlp.gate`) scores the E experts per token in float32, keeps the
   top k, optionally renormalises their probabilities, and the token's output is the weighted sum of
   those k experts' SwiGLU MLPs. Experts are stored stacked, as transformers 5 keeps them in memory:
-  `mlp.experts.gate_up_proj` (E, 2*I, H) and `mlp.experts.down_proj` (E, H, I).
+  `mlp.experts.gate_up_proj` (E, 2I, C) and `mlp.experts.down_proj` (E, C, I).
 * KV cache: preallocated per layer and written at the current positions, so the same forward
   serves the prompt (prefill) and one-token decode steps.
+
+The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
+attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward
+(MLP, router, expert paths, `Experts`, `SparseMoeBlock`); layer, model, causal LM; losses; loading.
+What the files share is written identically (tests/test_copies.py holds them to it).
 
 What differs from Qwen2 (qwen2.py):
 * `q_norm` / `k_norm`: per-head RMSNorm on queries and keys (before RoPE).
@@ -23,20 +31,30 @@ What differs from Qwen2 (qwen2.py):
 * bias on q/k/v *and* o_proj, only when `attention_bias` (false in every published checkpoint).
 * sliding window: Qwen3-MoE slides on every layer when `use_sliding_window` (max_window_layers is
   unused); dense Qwen3 keeps Qwen2's rule (`layer_types`, else layer i slides iff i >= max_window_layers).
-* most MLPs are mixtures of experts (dense Qwen3: none are).
+* most MLPs are mixtures of experts (dense Qwen3: none are); each layer returns its router logits,
+  and with `output_router_logits` the loss adds `router_aux_loss_coef` times a load-balancing loss.
 What differs from Qwen2-MoE (qwen2_moe.py):
 * no shared expert and no shared-expert gate.
 * `norm_topk_prob` is true in Qwen3-30B-A3B / 235B-A22B (false in Qwen1.5-MoE): read from config.json.
 * the attention differences above; Qwen2-MoE's sliding rule (even layers below max_window_layers)
   does not apply.
 
+Each path has a spelled-out reference beside its fast versions, all tested equal. Attention:
+`reference_attention`, torch's SDPA, the Triton kernels. The routed experts: `experts_reference` (a
+loop over the experts that received tokens), `experts_grouped` (tokens sorted by expert, one matmul
+per active expert; the default on CPU), `experts_gathered` (static shapes, for torch.compile), and
+the fused Triton kernel of kernels/moe.py. `set_kernels` chooses; the Triton kernels are used when
+the kernels/ package sits next to this file and triton is installed.
+
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_norm.weight`, ...); hub checkpoints
 store one tensor per expert (`model.layers.L.mlp.experts.E.gate_proj.weight`, ...), stacked at load.
-transformers' `modeling_qwen3_moe.py` and `modeling_qwen3.py` are the semantics we match.
+transformers' `modeling_qwen3_moe.py` and `modeling_qwen3.py` are the semantics we match. The file
+needs torch and the standard library; its loader also imports safetensors (and huggingface_hub for
+hub ids) when called.
 
 References:
   Qwen3 technical report, https://arxiv.org/abs/2505.09388
-  Switch Transformers (load-balancing loss), https://arxiv.org/abs/2101.03961
+  Switch Transformer (load-balancing loss), https://arxiv.org/abs/2101.03961
   RoFormer (rotary embeddings), https://arxiv.org/abs/2104.09864
   GQA, https://arxiv.org/abs/2305.13245 ; YaRN, https://arxiv.org/abs/2309.00071
   RMSNorm, https://arxiv.org/abs/1910.07467 ; SwiGLU, https://arxiv.org/abs/2002.05202
@@ -53,15 +71,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional Triton kernels, used on CUDA when the `kernels` package sits next to this file
-    import importlib
-    triton_attention = importlib.import_module("kernels.attention")
-except Exception:  # a copy of this file alone, no triton, no GPU: the torch path serves
+try:  # the optional Triton kernels: the kernels/ package beside this file, with triton installed
+    from kernels import attention as triton_attention
+except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise  # a real error inside the kernels is not hidden
     triton_attention = None
 try:
-    triton_moe = importlib.import_module("kernels.moe")
-except Exception:
+    from kernels import moe as triton_moe
+except ImportError as e:
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise
     triton_moe = None
+TRITON_KERNELS = (triton_attention, triton_moe)  # all of them must be present for set_kernels("triton")
+
+
+def use_triton(kernels: str, kernel_module, *tensors: torch.Tensor) -> bool:
+    """The one rule for every Triton kernel in this file: with `kernels="triton"` wherever the kernel
+    takes the tensors (Triton's CPU interpreter too), with "auto" on CUDA only; never with "torch"
+    or "reference", or when the kernels are absent."""
+    wanted = kernels == "triton" or (kernels == "auto" and tensors[0].is_cuda)
+    return wanted and kernel_module is not None and kernel_module.supports(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +111,7 @@ class Qwen3MoeConfig:
     rms_norm_eps: float = 1e-6          # epsilon inside every RMSNorm (q_norm and k_norm included)
     rope_theta: float = 10000.0         # RoPE base wavelength
     rope_type: str = "default"          # "default", "linear", "dynamic" or "yarn"
-    rope_scaling: dict | None = None    # the scaling parameters (factor, original_max_position_embeddings, ...)
+    rope_scaling: dict | None = None    # its parameters (factor, original_max_position_embeddings, ...)
     attention_bias: bool = False        # bias on q/k/v/o projections
     tie_word_embeddings: bool = False   # lm_head shares the embedding matrix
     use_sliding_window: bool = False    # turn sliding-window attention on
@@ -110,7 +140,8 @@ class Qwen3MoeConfig:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rope_type not in ("default", "linear", "dynamic", "yarn"):
-            raise ValueError(f"unsupported RoPE type {self.rope_type!r} (supported: default, linear, dynamic, yarn)")
+            raise ValueError(f"unsupported RoPE type {self.rope_type!r} "
+                             f"(supported: default, linear, dynamic, yarn)")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (Qwen3 uses silu)")
         self.mlp_only_layers = list(self.mlp_only_layers or [])
@@ -125,21 +156,23 @@ class Qwen3MoeConfig:
             self.layer_types = ["sliding_attention" if slides else "full_attention"] * self.num_hidden_layers
         elif self.layer_types is None:
             # dense Qwen3 (Qwen3Config): Qwen2's rule, layer i slides iff i >= max_window_layers.
-            self.layer_types = ["sliding_attention" if slides and i >= self.max_window_layers else "full_attention"
-                                for i in range(self.num_hidden_layers)]
+            self.layer_types = ["sliding_attention" if slides and i >= self.max_window_layers
+                                else "full_attention" for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` in keys, or None for full causal attention."""
         if self.layer_types[layer] != "sliding_attention":
             return None
         if not self.use_sliding_window or not self.sliding_window:
-            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no sliding window")
+            raise ValueError(f"layer {layer} is a sliding_attention layer but the config sets no "
+                             f"sliding window")
         return self.sliding_window
 
     def is_sparse(self, layer: int) -> bool:
-        """Whether `layer`'s MLP is a mixture of experts (transformers' Qwen3MoeDecoderLayer rule)."""
+        """Whether `layer` has the mixture of experts (else a dense MLP of intermediate_size)."""
         return (layer not in self.mlp_only_layers and self.num_experts > 0
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
@@ -159,7 +192,7 @@ class Qwen3MoeConfig:
         if "num_key_value_heads" in kwargs and kwargs["num_key_value_heads"] is None:
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
         kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype")
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # (rope_scaling wins)
         kwargs["rope_theta"] = float(rope.pop("rope_theta", d.get("rope_theta", cls.rope_theta)))
         kwargs["rope_type"] = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
@@ -174,7 +207,7 @@ QWEN3_DENSE_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 22016, "num_hi
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
+# RMSNorm and rotary position embeddings
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -268,7 +301,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
+                    key_mask: torch.Tensor | None) -> torch.Tensor:
     """Which keys each query may see: (B or 1, 1, T, S) booleans.
 
     Query i sits at cache slot q_slots[i]; key slot j is visible when j <= q_slots[i] (causal),
@@ -305,73 +343,20 @@ def reference_attention(q, k, v, mask, scale):
     return (probs @ v[:, :, None]).view(B, H, T, D)                     # (B, H, T, D)
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixture of experts: three implementations of one function (plus kernels.moe.fused_moe on CUDA)
-#
-#   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
-#
-#   x (N, H), w_gate_up (E, 2I, H) [gate rows, then up rows], w_down (E, H, I),
-#   topk_ids (N, K) int, topk_weights (N, K) in x.dtype  ->  (N, H) in x.dtype
-# ----------------------------------------------------------------------------------------------
+def sdpa_attention(q, k, v, mask, scale):
+    """The fast torch path: the same function through torch's fused scaled_dot_product_attention.
+    mask None means plain causal attention here (no mask tensor is built; one query row sees
+    every key)."""
+    if mask is None and q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
-def moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Readable reference, the loop of transformers' eager Qwen3MoeExperts: for every expert that
-    received tokens, gather them, run that expert's SwiGLU, add the output weighted by the routing
-    weight into the tokens' rows."""
-    out = torch.zeros_like(x)                                             # (N, H)
-    for e in topk_ids.unique().tolist():
-        token, slot = torch.where(topk_ids == e)                          # tokens sent to e, and which of their k
-        gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)      # (n_e, I) each
-        y = F.linear(F.silu(gate) * up, w_down[e])                        # (n_e, H)
-        out.index_add_(0, token, y * topk_weights[token, slot, None])
-    return out
-
-
-def moe_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Fast torch path. The N*K (token, expert) pairs are sorted by expert so that each active
-    expert works on one contiguous block of rows: two matmuls per active expert on its weight
-    slices, everything else (SiLU, routing weights, the sum over k) done once for all rows.
-    Experts that received no token are never read (at batch-1 decode: exactly the K routed ones).
-    Only gathers (index_select) move rows; index_add_ is avoided, as it is slow on CPU."""
-    N, K = topk_ids.shape
-    pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
-    order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
-    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert (host sync)
-    groups, start = [], 0                                                 # (expert, its rows of the sorted pairs)
-    for e, n in enumerate(counts):
-        if n:
-            groups.append((e, slice(start, start + n)))
-            start += n
-    xs = x.index_select(0, order // K)                                    # (P, H) token rows in expert order
-    gate_up = torch.cat([F.linear(xs[rows], w_gate_up[e]) for e, rows in groups])  # (P, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
-    h = F.silu(gate) * up                                                 # (P, I)
-    y = torch.cat([F.linear(h[rows], w_down[e]) for e, rows in groups])   # (P, H)
-    y = y * topk_weights.reshape(-1, 1).index_select(0, order)            # (P, H) weighted by the router
-    y = y.index_select(0, torch.argsort(order))                           # (P, H) back in pair order
-    return y.view(N, K, -1).sum(1)                                        # (N, H) each token's k outputs summed
-
-
-def moe_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Static-shape path for torch.compile / CUDA graphs (no data-dependent shapes or host syncs):
-    each pair gathers its expert's weights and runs one batched matmul. Meant for decode (few
-    tokens): it copies N*K experts' weights."""
-    N, K = topk_ids.shape
-    pair_expert = topk_ids.reshape(-1)                                    # (P,)
-    xs = x.repeat_interleave(K, dim=0)                                    # (P, H)
-    gate_up = torch.bmm(w_gate_up[pair_expert], xs[:, :, None]).squeeze(-1)  # (P, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
-    y = torch.bmm(w_down[pair_expert], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (P, H)
-    y = y * topk_weights.reshape(-1, 1)                                   # (P, H)
-    return y.view(N, K, -1).sum(1)                                        # (N, H)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim).
+
+    One contract: `update` writes this step's keys and values at their cache slots and returns the
+    whole cache; attention reads its first `Step.num_keys` slots (a view, no copy)."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -379,28 +364,58 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, KVH, T, D) at cache slots input_pos .. input_pos + T - 1.
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KVH, T, D) at the (T,) cache slots; return the cache, (B, KVH, max_len, D) each."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
-        input_pos an int: return the slots written so far, (B, KVH, input_pos + T, D).
-        input_pos a (T,) tensor of slots (static shapes for torch.compile / CUDA graphs): return
-        the whole cache, (B, KVH, max_len, D); the attention mask hides the unwritten slots.
-        """
-        if torch.is_tensor(input_pos):
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
-            return self.k, self.v
-        end = input_pos + k.shape[2]
-        self.k[:, :, input_pos:end] = k
-        self.v[:, :, input_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+
+@dataclass
+class Step:
+    """One forward pass as every layer sees it, decided once in the model's `make_step`."""
+    cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
+    sin: torch.Tensor                  # (B, T, head_dim) rotary sines
+    slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
+    start: int | torch.Tensor          # slot of the first query: an int, or a (1,) tensor when static
+    num_keys: int                      # attention reads key slots [0, num_keys)
+    masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
+    left_pad: torch.Tensor | None      # (B,) padding slots at the start of each row (Triton kernels)
+    kernels: str                       # "auto" | "triton" | "torch" | "reference" (set_kernels)
+
+    @property
+    def static(self) -> bool:
+        """Static shapes (a tensor input_pos): attention spans the whole cache, for torch.compile and
+        CUDA graphs, and no path may depend on the data (no host syncs, no data-sized loops)."""
+        return torch.is_tensor(self.start)
+
+
+def cache_slots(input_pos, T: int, device) -> torch.Tensor:
+    """The (T,) cache slots of a forward's tokens: input_pos itself when it is a tensor of slots,
+    else the T slots from input_pos (None: 0) on."""
+    if torch.is_tensor(input_pos):
+        return input_pos
+    start = int(input_pos or 0)
+    return torch.arange(start, start + T, device=device)
+
+
+def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, KVH, S, D) by this step's path (set_kernels): the
+    spelled-out reference, the Triton kernels, or torch's SDPA. Returns (B, H, T, D)."""
+    scale = q.shape[-1] ** -0.5
+    if step.kernels == "reference":
+        return reference_attention(q, k, v, step.masks[window], scale)
+    # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
+    if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
+        return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
+    return sdpa_attention(q, k, v, step.masks[window], scale)
 
 
 class Attention(nn.Module):
     def __init__(self, config: Qwen3MoeConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.window = config.window(layer)
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
@@ -409,44 +424,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # over head_dim, shared by all heads
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.cache: KVCache | None = None
-        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by Qwen3MoeForCausalLM.set_kernels
+        self.cache: KVCache | None = None  # set by setup_cache
 
-    def forward(self, x, cos, sin, input_pos, key_mask, masks):
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, KVH, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:                                    # a cached forward: write, then read the cache
-            k, v = self.cache.update(input_pos, k, v)                                   # (B, KVH, S, D)
-        out = self.attend(q, k, v, input_pos, key_mask, masks)                            # (B, H, T, D)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))        # (B, T, H, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))     # (B, T, KVH, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                  # (B, T, KVH, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, heads, T, D)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.slots is not None:                     # with a KV cache: store, then read every slot so far
+            k, v = self.cache.update(step.slots, k, v)                                 # (B, KVH, max_len, D)
+            k, v = k[:, :, :step.num_keys], v[:, :, :step.num_keys]                    # (B, KVH, S, D)
+        out = attend(q, k, v, step, self.window)                                         # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(self, q, k, v, input_pos, key_mask, masks):
-        scale = self.head_dim ** -0.5
-        start = 0 if input_pos is None else input_pos
-        # The Triton kernels: "auto" on CUDA, "triton" wherever they run (also Triton's CPU interpreter).
-        # On the static path (tensor input_pos) only one-token decode: that kernel reads the slot
-        # from the tensor and skips the cache slots past it.
-        wanted = self.kernels == "triton" or (self.kernels == "auto" and q.is_cuda)
-        static_prefill = torch.is_tensor(start) and q.shape[2] > 1
-        if wanted and triton_attention is not None and not static_prefill and triton_attention.supports(q, k):
-            pad = None if key_mask is None else (key_mask[:, :k.shape[2]] == 0).sum(-1)  # left padding per row
-            return triton_attention.attention(q, k, v, start, pad=pad, window=self.window, scale=scale)
-        mask = masks(self.window)  # (B|1, 1, T, S) bool, or None when plain causal / nothing hidden
-        if self.kernels == "reference":
-            if mask is None:  # spell out the causal mask for the reference path
-                slots = torch.arange(start, start + q.shape[2], device=q.device)
-                mask = visibility_mask(slots, k.shape[2], None, None)
-            return reference_attention(q, k, v, mask, scale)
-        if mask is None and q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+# ----------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
-    """Dense SwiGLU MLP: the layers without experts (every layer of dense Qwen3)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -454,61 +453,125 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x, router_logits=None):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Experts(nn.Module):
-    """The routed experts of one layer, stacked: gate_up_proj (E, 2I, H), rows [0, I) expert e's
-    gate projection and rows [I, 2I) its up projection; down_proj (E, H, I)."""
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts: router_logits (N, E) in the model dtype -> (topk_weights, topk_ids),
+    each (N, K).
 
-    def __init__(self, config: Qwen3MoeConfig):
+    Softmax over all E experts in float32, keep the K largest; rescale them to sum to 1 only when
+    norm_topk_prob; the weights come back in the model dtype.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)     # (N, E)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)             # (N, K) each
+    if norm_topk_prob:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights.to(router_logits.dtype), topk_ids
+
+
+# The routed experts: three torch paths that compute the same function (plus kernels.moe.fused_moe)
+#
+#   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
+#
+#   x (N, C) tokens, w_gate_up (E, 2I, C) [rows [0, I) the gate projection, rows [I, 2I) the up
+#   projection], w_down (E, C, I), topk_ids (N, K) int, topk_weights (N, K)  ->  (N, C) in x.dtype
+
+def experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The reference: a loop over the experts that received tokens, in the same arithmetic and order
+    as transformers' eager experts (index_add_ expert by expert)."""
+    out = torch.zeros_like(x)                                             # (N, C)
+    for e in topk_ids.unique().tolist():                                  # experts with tokens, ascending
+        token, slot = torch.where(topk_ids == e)                          # its tokens, and which pick
+        gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)      # (n_e, I) each
+        y = F.linear(F.silu(gate) * up, w_down[e])                        # (n_e, C)
+        out.index_add_(0, token, y * topk_weights[token, slot, None])     # weighted, into each token's row
+    return out
+
+
+def experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The fast torch path. The N*K (token, expert) pairs are sorted by expert, so each active expert
+    works on one contiguous block of rows: one matmul per active expert and projection, everything
+    else (SiLU, routing weights, the sum over K) done once for all rows. Experts that received no
+    token are never read (a batch-1 decode step reads exactly its K experts). Only gathers
+    (index_select) move rows: index_add_ is slow on CPU. The sum over each token's K rows is
+    transformers' grouped_mm order too."""
+    N, K = topk_ids.shape
+    pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
+    order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
+    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert (host sync)
+    groups, start = [], 0                                                 # (expert, its rows), active only
+    for e, n in enumerate(counts):
+        if n:
+            groups.append((e, slice(start, start + n)))
+            start += n
+    xs = x.index_select(0, order // K)                                    # (P, C) each pair's token, grouped
+    gate_up = torch.cat([F.linear(xs[rows], w_gate_up[e]) for e, rows in groups])  # (P, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
+    h = F.silu(gate) * up                                                 # (P, I)
+    y = torch.cat([F.linear(h[rows], w_down[e]) for e, rows in groups])   # (P, C)
+    y = y * topk_weights.reshape(-1, 1).index_select(0, order)            # (P, C) times each routing weight
+    y = y.index_select(0, torch.argsort(order))                           # (P, C) back in pair order
+    return y.view(N, K, -1).sum(dim=1)                                    # (N, C) each token's K rows summed
+
+
+def experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The static-shape path, for torch.compile and CUDA graphs (experts_grouped's loop depends on the
+    data): each pair gathers its expert's weights, (N, K, 2I, C). It reads only the chosen experts
+    but copies them, so it suits decode steps (N small) only."""
+    gate_up = torch.einsum("nc,nkoc->nko", x, w_gate_up[topk_ids])        # (N, K, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)                                   # (N, K, I) each
+    y = torch.einsum("nki,nkci->nkc", F.silu(gate) * up, w_down[topk_ids])  # (N, K, C)
+    return (y * topk_weights[..., None]).sum(dim=1)                       # (N, C)
+
+
+class Experts(nn.Module):
+    """The E routed experts of one layer, stacked (as transformers 5 keeps them in memory):
+    gate_up_proj (E, 2I, C), each expert's gate rows then its up rows, and down_proj (E, C, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
-        self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        nn.init.normal_(self.gate_up_proj, std=0.02)  # a no-op on the meta device (from_pretrained)
-        nn.init.normal_(self.down_proj, std=0.02)
+        E, C, I = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C).normal_(std=0.02))  # (a no-op on meta)
+        self.down_proj = nn.Parameter(torch.empty(E, C, I).normal_(std=0.02))
+
+    def forward(self, x, topk_ids, topk_weights, kernels: str = "auto", static: bool = False) -> torch.Tensor:
+        """x (N, C), topk_ids and topk_weights (N, K) -> (N, C), by the path set_kernels chose:
+        experts_reference; else the fused Triton kernel (it has static shapes too); else
+        experts_gathered under static shapes; else experts_grouped."""
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if kernels == "reference":
+            return experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
+        if use_triton(kernels, triton_moe, x, w_gate_up):
+            return triton_moe.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+        if static:
+            return experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights)
+        return experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights)
 
 
 class SparseMoeBlock(nn.Module):
+    """The mixture of experts of a sparse layer: router and routed experts (no shared expert)."""
+
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = Experts(config)
-        self.kernels = "auto"  # "auto" | "triton" | "torch" | "reference", set by Qwen3MoeForCausalLM.set_kernels
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
 
-    def route(self, x: torch.Tensor):
-        """x (N, H) -> router logits (N, E) in x.dtype, top-k expert ids (N, K), their weights (N, K)."""
-        logits = self.gate(x)                                                 # (N, E)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)            # (N, E)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)                  # (N, K) each
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, ids, weights.to(logits.dtype)
+    def forward(self, x: torch.Tensor, kernels: str = "auto", static: bool = False):
+        """x (B, T, C) -> (output (B, T, C), router logits (B*T, E)); kernels and static as in Experts."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                              # (N, C), N = B*T tokens
+        router_logits = self.gate(x)                                         # (N, E) in the model dtype
+        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)  # (N, K) each
+        routed = self.experts(x, topk_ids, topk_weights, kernels, static)    # (N, C)
+        return routed.view(B, T, C), router_logits
 
-    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
-        B, T, H = x.shape
-        x = x.reshape(B * T, H)                                               # (N, H)
-        logits, ids, weights = self.route(x)
-        if router_logits is not None:
-            router_logits.append(logits)
-        w_gate_up, w_down = self.experts.gate_up_proj, self.experts.down_proj
-        # The fused Triton kernel: "auto" on CUDA, "triton" wherever it runs (also Triton's CPU
-        # interpreter), inside torch.compile too. Without it, torch.compile takes the static-shape
-        # moe_gathered.
-        wanted = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
-        if self.kernels == "reference":
-            out = moe_reference(x, w_gate_up, w_down, ids, weights)
-        elif wanted and triton_moe is not None and triton_moe.supports(x, w_gate_up):
-            out = triton_moe.fused_moe(x, w_gate_up, w_down, ids, weights)
-        elif torch.compiler.is_compiling():
-            out = moe_gathered(x, w_gate_up, w_down, ids, weights)
-        else:
-            out = moe_grouped(x, w_gate_up, w_down, ids, weights)
-        return out.view(B, T, H)
 
+# ----------------------------------------------------------------------------------------------
+# Layer, model, causal LM
+# ----------------------------------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3MoeConfig, layer: int):
@@ -516,79 +579,102 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = (SparseMoeBlock(config) if config.is_sparse(layer)
+        self.sparse = config.is_sparse(layer)
+        self.mlp = (SparseMoeBlock(config) if self.sparse
                     else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x, cos, sin, input_pos, key_mask, masks, router_logits):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, key_mask, masks)
-        return x + self.mlp(self.post_attention_layernorm(x), router_logits)
+    def forward(self, x: torch.Tensor, step: Step):
+        """Returns (x, router logits (B*T, E)); the router logits are None on a dense layer."""
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        h = self.post_attention_layernorm(x)
+        if not self.sparse:
+            return x + self.mlp(h), None
+        h, router_logits = self.mlp(h, step.kernels, step.static)
+        return x + h, router_logits
 
 
 class Qwen3MoeModel(nn.Module):
+    """The decoder stack: token ids -> final hidden states. It holds the KV caches and the choice of
+    kernels, which the causal LM's methods of the same names forward to."""
+
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.max_cache_len = 0   # slots of the KV caches (0: none set up)
+        self.kernels = "auto"    # see set_kernels
 
-
-class Qwen3MoeForCausalLM(nn.Module):
-    """Qwen3-MoE (and dense Qwen3). After a forward with router logits on (`output_router_logits`
-    argument, else the config's), `self.router_logits` holds a tuple with one (B*T, E) tensor per
-    sparse layer and `self.aux_loss` the load-balancing loss; otherwise both are None."""
-
-    def __init__(self, config: Qwen3MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Qwen3MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.max_cache_len = 0
-        self.router_logits: tuple[torch.Tensor, ...] | None = None
-        self.aux_loss: torch.Tensor | None = None
-
-    # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
 
         A cache of that shape that is already set up is kept, not cleared (a step never sees the
         slots past its own, so old values are harmless): its memory stays where a captured CUDA
         graph expects it."""
-        ref = self.lm_head.weight
+        ref = self.embed_tokens.weight
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        shape = (batch_size, self.config.num_key_value_heads, max_len, self.config.head_dim)
-        for layer in self.model.layers:
-            cache = layer.self_attn.cache
+        for layer in self.layers:
+            attn, cache = layer.self_attn, layer.self_attn.cache
+            shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
             if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
-                layer.self_attn.cache = KVCache(*shape, dtype, device)
+                attn.cache = KVCache(*shape, dtype, device)
         self.max_cache_len = max_len
 
     def clear_cache(self):
-        for layer in self.model.layers:
+        for layer in self.layers:
             layer.self_attn.cache = None
         self.max_cache_len = 0
 
     def set_kernels(self, kernels: str = "auto"):
-        """"auto": Triton attention and fused MoE on CUDA when available, else torch (SDPA and the
-        expert-sorted `moe_grouped`); "triton": the Triton kernels wherever they take the tensors
-        (also Triton's CPU interpreter); "torch": never Triton; "reference": `reference_attention`
-        and the `moe_reference` expert loop."""
+        """Which implementation the layers run. "auto": the Triton kernels on CUDA when they are
+        present, else torch's fast paths; "triton": the Triton kernels wherever they take the tensors
+        (also Triton's CPU interpreter); "torch": never Triton; "reference": the spelled-out
+        reference paths, the easiest to read (the file's header names them)."""
         if kernels not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
-        if kernels == "triton" and (triton_attention is None or triton_moe is None):
+        if kernels == "triton" and None in TRITON_KERNELS:
             raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
-        for layer in self.model.layers:
-            layer.self_attn.kernels = kernels
-            if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.kernels = kernels
+        self.kernels = kernels
 
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                input_pos=None, logits_to_keep: int = 0, output_router_logits: bool | None = None):
-        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+    def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:
+        """What every layer needs besides the hidden states, decided once per forward (see forward)."""
+        B, T = input_ids.shape
+        if input_pos is not None and not self.max_cache_len:
+            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
+        static = torch.is_tensor(input_pos)
+        slots = cache_slots(input_pos, T, input_ids.device)                     # (T,)
+        start = input_pos if static else int(input_pos or 0)
+        num_keys = self.max_cache_len if static else start + T                  # key slots attention reads
+        if input_pos is not None and num_keys > self.max_cache_len:
+            raise ValueError(f"positions {start}..{num_keys} do not fit the KV cache of {self.max_cache_len} "
+                             f"(call setup_cache with a larger max_len)")
+        if position_ids is None:  # with left padding, count real tokens only (as transformers' generate)
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]
+            else:
+                position_ids = slots[None].expand(B, T)                          # (B, T)
+        key_mask = attention_mask
+        if key_mask is not None and not static and bool(key_mask[:, :num_keys].all()):
+            key_mask = None                                                      # nothing hidden
+        # Plain causal attention needs no mask tensor: SDPA's is_causal covers a prefill from slot 0,
+        # and a one-token decode sees every slot. The reference path always gets it spelled out.
+        plain = not static and key_mask is None and (T == 1 or num_keys == T) and self.kernels != "reference"
+        masks = {}                                                               # one per window size
+        for window in {layer.self_attn.window for layer in self.layers}:
+            wide = window is None or window >= num_keys
+            masks[window] = None if plain and wide else visibility_mask(slots, num_keys, window, key_mask)
+        cos, sin = self.rotary_emb(position_ids, dtype)                          # (B, T, head_dim) each
+        left_pad = None if key_mask is None else (key_mask[:, :num_keys] == 0).sum(-1)  # (B,)
+        return Step(cos, sin, None if input_pos is None else slots, start, num_keys, masks, left_pad,
+                    self.kernels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, input_pos=None, output_router_logits: bool = False):
+        """input_ids (B, T) -> (hidden states (B, T, hidden) after the final norm, router logits).
+
+        router logits: with output_router_logits, a tuple of each sparse layer's (B*T, E) router
+          logits in layer order (model dtype); else None.
 
         input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
           untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
@@ -598,68 +684,81 @@ class Qwen3MoeForCausalLM(nn.Module):
         attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
           slot so far (the whole cache when input_pos is a tensor). Positions then count real
           tokens only, as transformers' generate does.
-        logits_to_keep: if > 0, compute logits for the last that many positions only.
-        output_router_logits: keep each sparse layer's router logits in `self.router_logits` and the
-          load-balancing loss in `self.aux_loss`; with labels, the loss adds
-          router_aux_loss_coef * aux_loss. None = the config's `output_router_logits`.
+        position_ids: (B, T) positions for RoPE, instead of the ones derived from the above.
         """
-        B, T = input_ids.shape
-        static = torch.is_tensor(input_pos)
-        if input_pos is not None and not self.max_cache_len:
-            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
-        if static:
-            q_slots, S = input_pos, self.max_cache_len                           # slots (T,), keys seen
-        else:
-            start = 0 if input_pos is None else int(input_pos)
-            q_slots, S = torch.arange(start, start + T, device=input_ids.device), start + T
-            if input_pos is not None and S > self.max_cache_len:
-                raise ValueError(f"positions {start}..{S} do not fit the KV cache of {self.max_cache_len} "
-                                 f"(call setup_cache with a larger max_len)")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slots]
-            else:
-                position_ids = q_slots[None].expand(B, T)                        # (B, T)
-        key_mask = attention_mask
-        if key_mask is not None and not static and bool(key_mask[:, :S].all()):
-            key_mask = None                                                      # nothing hidden
+        x = self.embed_tokens(input_ids)                                         # (B, T, hidden)
+        step = self.make_step(input_ids, attention_mask, position_ids, input_pos, x.dtype)
+        router_logits = []
+        for layer in self.layers:
+            x, layer_router_logits = layer(x, step)
+            if output_router_logits and layer_router_logits is not None:
+                router_logits.append(layer_router_logits)                        # (B*T, E)
+        return self.norm(x), (tuple(router_logits) if output_router_logits else None)
 
-        x = self.model.embed_tokens(input_ids)                                   # (B, T, hidden)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)                  # (B, T, head_dim) each
-        built = {}
 
-        def masks(window):  # one mask per window size, built on first use and shared by the layers
-            if window not in built:
-                # Plain causal attention needs no mask: SDPA's is_causal covers a prefill from slot 0,
-                # and a one-token decode sees every slot anyway.
-                plain = (not static and key_mask is None and (window is None or window >= S)
-                         and (T == 1 or S == T))
-                built[window] = None if plain else visibility_mask(q_slots, S, window, key_mask)
-            return built[window]
+class Qwen3MoeForCausalLM(nn.Module):
+    """The decoder stack and the language-model head: token ids -> next-token logits."""
 
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, see there
+        self.aux_loss: torch.Tensor | None = None
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate every layer's KV cache (Qwen3MoeModel.setup_cache)."""
+        self.model.setup_cache(batch_size, max_len, dtype, device)
+
+    def clear_cache(self):
+        self.model.clear_cache()
+
+    def set_kernels(self, kernels: str = "auto"):
+        """Choose the implementation: "auto", "triton", "torch" or "reference" (Qwen3MoeModel.set_kernels)."""
+        self.model.set_kernels(kernels)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                input_pos=None, logits_to_keep: int = 0, output_router_logits: bool | None = None):
+        """input_ids (B, T) -> logits (B, T, vocab); with `labels`, (logits, loss).
+
+        attention_mask, position_ids, input_pos: as in Qwen3MoeModel.forward.
+        logits_to_keep: if > 0, compute logits for the last that many positions only.
+        output_router_logits: None = config.output_router_logits. When on, this forward leaves
+          `self.router_logits` (one (B*T, E) tensor per sparse layer, in layer order, model dtype)
+          and `self.aux_loss` (the load-balancing loss, padding left out by attention_mask), and the
+          loss with labels is cross-entropy + router_aux_loss_coef * aux_loss, as in transformers.
+          When off (or without sparse layers), both attributes are None. The return value has the
+          same form either way.
+        """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        router_logits = [] if output_router_logits else None                    # one (B*T, E) per sparse layer
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos, key_mask, masks, router_logits)
-        x = self.model.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        # lm_head on 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
-        logits = self.lm_head(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)  # (B, T, vocab)
-
-        self.router_logits = self.aux_loss = None
-        if router_logits:  # (dense models have none)
-            self.router_logits = tuple(router_logits)
-            token_mask = None if attention_mask is None else attention_mask[:, q_slots]  # (B, T)
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, input_pos,
+                                           output_router_logits)                 # (B, T, hidden)
+        logits = self.logits(hidden, logits_to_keep)                             # (B, T, vocab)
+        self.router_logits, self.aux_loss = router_logits or None, None
+        if self.router_logits:
+            token_mask = None                                                    # (B, T) of this forward
+            if attention_mask is not None:
+                token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
             self.aux_loss = load_balancing_loss(self.router_logits, self.config.num_experts,
                                                 self.config.num_experts_per_tok, token_mask)
         if labels is None:
             return logits
         loss = causal_lm_loss(logits, labels)
         if self.aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * self.aux_loss
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss.to(loss.device)
         return logits, loss
+
+    def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """lm_head over the last `logits_to_keep` positions (0: all): (B, T, hidden) -> (B, T, vocab)."""
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        # On 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
 
     @property
     def device(self):
@@ -670,6 +769,10 @@ class Qwen3MoeForCausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
 
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored."""
     shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
@@ -677,21 +780,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100)
 
 
-def load_balancing_loss(router_logits: tuple, num_experts: int, top_k: int,
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
                         token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer auxiliary loss over every sparse layer's router logits (rows = tokens):
-    num_experts * sum_e f_e * P_e, where f_e is the mean over rows of "e is among the row's top k"
-    (so sum_e f_e = k) and P_e the mean router probability of e. token_mask (B, T), 0 for padding,
-    excludes those rows from both means. Equals k when routing is uniform."""
-    logits = torch.cat(router_logits)                                        # (L*N, E)
-    probs = torch.softmax(logits, dim=-1).float()                            # (L*N, E), as transformers: logits dtype
-    chosen = torch.topk(probs, top_k, dim=-1).indices                        # (L*N, K)
-    hits = F.one_hot(chosen, num_experts).sum(1).float()                     # (L*N, E) k ones per row
+    """Switch Transformer's auxiliary loss, as transformers' `load_balancing_loss_func` computes it.
+
+    router_logits: one (N, E) tensor per sparse layer, N = B*T tokens; token_mask: (B, T), 0 for
+    padding (those rows are left out). Over all rows of all layers: f_e = share of the top-k picks
+    that went to expert e (K picks per row), P_e = mean router probability of e;
+    aux = E * sum_e f_e * P_e, which is K when routing is uniform.
+    """
+    logits = torch.cat(router_logits)                                     # (L*N, E)
+    probs = torch.softmax(logits, dim=-1)                                 # (L*N, E) in the logits' dtype
+    picks = torch.topk(probs, top_k, dim=-1).indices                      # (L*N, K)
+    chosen = F.one_hot(picks, num_experts).sum(dim=1).float()             # (L*N, E): K ones per row
     if token_mask is None:
-        f, p = hits.mean(0), probs.mean(0)                                   # (E,) each
+        keep = torch.ones(logits.shape[0], device=logits.device)          # (L*N,)
     else:
-        m = token_mask.reshape(-1).float().repeat(len(router_logits))[:, None]  # (L*N, 1)
-        f, p = (hits * m).sum(0) / m.sum(), (probs * m).sum(0) / m.sum()
+        keep = token_mask.reshape(-1).float().repeat(len(router_logits))  # (L*N,) the same mask each layer
+    rows = keep.sum()
+    f = (chosen * keep[:, None]).sum(dim=0) / rows                        # (E,)
+    p = (probs.float() * keep[:, None]).sum(dim=0) / rows                 # (E,)
     return num_experts * (f * p).sum()
 
 
@@ -699,11 +807,10 @@ def load_balancing_loss(router_logits: tuple, num_experts: int, top_k: int,
 # Loading a checkpoint
 # ----------------------------------------------------------------------------------------------
 
+MODEL_TYPES = ("qwen3_moe", "qwen3")  # the config.json model_type values this file loads
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# one expert's matrix as hub checkpoints (and transformers 5's save_pretrained) store it
-EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -716,18 +823,16 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
                                 f"Qwen/Qwen3-30B-A3B)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import errors, snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    except GatedRepoError:
+    except errors.GatedRepoError:
         raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
                          f"(huggingface-cli login)") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
         raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
                                 f"hub") from None
-    except LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:
         raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
                                 f"cache; connect once or pass a local folder") from None
     except OSError as e:  # network errors surface as OSError subclasses
@@ -757,66 +862,100 @@ def safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def open_safetensors(file: str):
+    """safetensors' safe_open, with a damaged or truncated file reported as one clear error."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
+
+
+# One expert's projection as hub checkpoints (and transformers 5's save_pretrained) store it; the
+# loader stacks these into mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I).
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def check_expert_counts(expected: dict, files: list[str]):
+    """Before any tensor is read: only sparse layers have per-expert tensors, and each layer's
+    number config.num_experts."""
+    last = {}  # "model.layers.L.mlp.experts" -> (highest expert index, its tensor name)
+    for file in files:
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                m = EXPERT_KEY.match(name)
+                if not m:
+                    continue
+                if m[1] + ".gate_up_proj" not in expected:
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: config.json "
+                                     f"makes this layer a dense MLP")
+                if int(m[2]) >= last.get(m[1], (-1, ""))[0]:
+                    last[m[1]] = (int(m[2]), name)
+    for prefix, (e, name) in last.items():
+        want = tuple(expected[prefix + ".gate_up_proj"].shape)
+        if e + 1 != want[0]:
+            raise ValueError(f"tensor {name} makes {e + 1} experts: {prefix}.gate_up_proj would have shape "
+                             f"{(e + 1, *want[1:])}, the config expects {want} (num_experts={want[0]})")
+
+
 def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name: False):
     """Stream every tensor from the safetensors files into `model` (built on the meta device):
     one tensor at a time, straight to `device` and `dtype`, so no second full copy exists.
 
-    Per-expert tensors (`...mlp.experts.E.{gate,up,down}_proj.weight`) are copied into their slice
-    of the stacked parameter, which is allocated once, on first use; fused files that already hold
-    `...mlp.experts.gate_up_proj` / `down_proj` load as they are."""
-    from safetensors import safe_open
+    Per-expert tensors `...mlp.experts.E.{gate,up,down}_proj.weight` (the hub layout) are copied
+    into their slice of the stacked parameter, allocated once on `device`; fused files that
+    already hold `...mlp.experts.gate_up_proj` / `down_proj` load as they are.
+    """
     expected = dict(model.named_parameters())
-    seen = set()     # parameters loaded whole
-    pieces = {}      # stacked parameter -> {(expert, "gate" | "up" | "down")} copied in so far
-    for file in safetensors_files(folder):
-        with safe_open(file, framework="pt", device="cpu") as f:
+    files = safetensors_files(folder)
+    check_expert_counts(expected, files)
+    seen, stacked = set(), set()  # tensor names read; stacked parameters built from per-expert pieces
+    for file in files:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 m = EXPERT_KEY.match(name)
-                if m and f"{m[1]}.gate_up_proj" in expected:
+                if m:  # one expert's projection: copy it into its slice of the stacked parameter
                     prefix, e, part = m[1], int(m[2]), m[3]
                     target = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-                    if target in seen:
-                        raise ValueError(f"tensor {name} repeats an expert of the fused {target} in the checkpoint")
-                    full = expected[target]                        # meta: (E, 2I, H) or (E, H, I)
-                    E, I = full.shape[0], expected[f"{prefix}.down_proj"].shape[2]
-                    want = tuple(full.shape[1:]) if part == "down" else (I, full.shape[2])
+                    shape = expected[target].shape                          # (E, 2I, C) or (E, C, I)
+                    I = expected[f"{prefix}.down_proj"].shape[2]
+                    want = tuple(shape[1:]) if part == "down" else (I, shape[2])
                     tensor = f.get_tensor(name)
-                    if e >= E or tuple(tensor.shape) != want:
-                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)} (expert {e}), the config "
-                                         f"expects {want} for each of {E} experts (stacked {target} {tuple(full.shape)})")
-                    if target not in pieces:                       # allocate the stacked parameter once
-                        pieces[target] = set()
-                        set_parameter(model, target, torch.empty(full.shape, device=device, dtype=dtype))
-                    stacked = model.get_parameter(target)
+                    if tuple(tensor.shape) != want:
+                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                         f"{want}")
+                    if target in seen:
+                        raise ValueError(f"tensor {name} repeats an expert of {target}, also in the "
+                                         f"checkpoint")
+                    if target not in stacked:                               # the first piece: allocate
+                        set_parameter(model, target, torch.empty(shape, device=device, dtype=dtype))
+                        stacked.add(target)
                     rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[part]
-                    with torch.no_grad():
-                        stacked[e, rows].copy_(tensor)
-                    pieces[target].add((e, part))
+                    model.get_parameter(target)[e, rows].copy_(tensor)
+                    seen.add(name)
                     continue
                 if name not in expected:
                     if skip(name) or name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint does "
-                                     f"not match its config.json")
-                if name in pieces:
-                    raise ValueError(f"tensor {name} repeats experts already read one by one in the checkpoint")
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
+                                     f"does not match its config.json")
+                if name in stacked:
+                    raise ValueError(f"tensor {name} repeats experts already read one by one in the "
+                                     f"checkpoint")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
                                      f"{tuple(expected[name].shape)}")
                 set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 seen.add(name)
-    missing = []
-    for n in expected:
-        if n in seen:
+    needed = []  # the tensors the checkpoint must hold: a stacked parameter, or else each of its pieces
+    for name, p in expected.items():
+        if name in seen or not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            needed.append(name)
             continue
-        if n not in pieces:
-            missing.append(n)
-            continue
-        parts = ("down",) if n.endswith("down_proj") else ("gate", "up")
-        prefix = n.rpartition(".")[0]
-        missing += [f"{prefix}.{e}.{p}_proj.weight" for e in range(expected[n].shape[0]) for p in parts
-                    if (e, p) not in pieces[n]]
+        prefix, parts = name.rsplit(".", 1)[0], ("down",) if name.endswith("down_proj") else ("gate", "up")
+        needed += [f"{prefix}.{e}.{part}_proj.weight" for e in range(p.shape[0]) for part in parts]
+    missing = [n for n in needed if n not in seen]
     if missing:
         expert = EXPERT_KEY.match(missing[0])
         raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
@@ -832,8 +971,8 @@ def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCausalLM:
-    """Load a Qwen3-MoE ("Qwen/Qwen3-30B-A3B") or dense Qwen3 ("Qwen/Qwen3-0.6B") checkpoint:
-    a local folder or a hub id.
+    """Load a Qwen3-MoE / Qwen3 checkpoint: a local folder or a hub id such as
+    "Qwen/Qwen3-30B-A3B".
 
     dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
     device: default "cpu". Parameters load with requires_grad=False; call
@@ -841,9 +980,9 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCa
     """
     folder = resolve_checkpoint(name_or_path)
     raw = load_config(folder)
-    if raw.get("model_type") not in ("qwen3_moe", "qwen3"):
-        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; qwen3_moe.py loads "
-                         f"'qwen3_moe' and 'qwen3'")
+    if raw.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
+                         f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
     config = Qwen3MoeConfig.from_dict(raw)
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -52,12 +52,10 @@ class Tokenizer:
             self.default_system = QWEN2_SYSTEM
         else:
             self.default_system = None
-        self.eos_token = config.get("eos_token") if isinstance(config.get("eos_token"), str) else None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
-        """A local folder or a hub id (resolved like the model files do)."""
-        from qwen2 import resolve_checkpoint
+        """A local folder or a hub id (see resolve_checkpoint)."""
         return cls(resolve_checkpoint(name_or_path))
 
     # -- ids <-> text ----------------------------------------------------------------------------
@@ -186,6 +184,35 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=self.skip)
         self.start = len(self.ids)
         return text
+
+
+# The checkpoint folder. Each model file carries its own copy of resolve_checkpoint so that it
+# stands alone; this one serves the tokenizer and generate.py (tests/test_copies.py keeps the copies
+# identical).
+def resolve_checkpoint(name_or_path: str) -> str:
+    """A local folder, or a hub id downloaded (json and safetensors only) into the hub cache."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{name_or_path} is a file; pass the checkpoint folder that holds config.json")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
+                                f"Qwen/Qwen2.5-0.5B-Instruct)")
+    from huggingface_hub import errors, snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    except errors.GatedRepoError:
+        raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
+                         f"(huggingface-cli login)") from None
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
+        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
+                                f"hub") from None
+    except errors.LocalEntryNotFoundError:
+        raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
+                                f"cache; connect once or pass a local folder") from None
+    except OSError as e:  # network errors surface as OSError subclasses
+        raise FileNotFoundError(f"could not download {name_or_path}: {e}") from None
 
 
 def read_json(path: str) -> dict:

@@ -10,6 +10,8 @@ Markers, written in any page of docs/ (a block marker alone on its line, possibl
                                                    a unified diff of one symbol in two files (a fourth
                                                    argument names a different symbol in the second file);
                                                    "identical" when there is no difference
+    {{ copies("qwen2_moe.py") }}                   a table of the blocks the file shares with its siblings, as
+                                                   tests/test_copies.py declares them (and holds them to it)
     {{ ref("qwen2.py", "Qwen2Config.window") }}    inline: a link to the lines, labelled `Qwen2Config.window`
     {{ ref("qwen2.py", "Qwen2Config.window", "the rule") }}   ... with a label of your own
 
@@ -35,10 +37,10 @@ log = logging.getLogger("mkdocs.plugins.qwen_source")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIR = "source"  # generated pages: docs/source/<file>.md (virtual, never written to disk)
 
-BLOCK = re.compile(r'^([ \t]*)(\\?)\{\{\s*(source|signature|diff)\((.*?)\)\s*\}\}[ \t]*$', re.M)
+BLOCK = re.compile(r'^([ \t]*)(\\?)\{\{\s*(source|signature|diff|copies)\((.*?)\)\s*\}\}[ \t]*$', re.M)
 INLINE = re.compile(r'(\\?)\{\{\s*(ref)\((.*?)\)\s*\}\}')
 MODEL_CLASS = re.compile(r"\bQwen\w*?(?=Config\b|ForCausalLM\b)")  # the "Qwen2Moe" of Qwen2MoeConfig, ...
-LEFTOVER = re.compile(r'(?<!\\)\{\{\s*(source|signature|diff|ref)\(')
+LEFTOVER = re.compile(r'(?<!\\)\{\{\s*(source|signature|diff|copies|ref)\(')
 
 
 class MarkerError(ValueError):
@@ -100,6 +102,15 @@ def span(path: str, symbol: str, header_only: bool = False) -> tuple[int, int]:
         doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
         end = first.end_lineno if doc else first.lineno - 1
     return start, end
+
+
+def load_copies():
+    """tests/test_copies.py, the declaration of the model files' shared blocks (standard library only)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qwen_copies", os.path.join(ROOT, "tests", "test_copies.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def code(path: str, start: int, end: int) -> str:
@@ -172,6 +183,17 @@ class Renderer:
             return f'<p class="qwen-same">{same}, except for the name of its file\'s model classes.</p>\n' + links
         diff = difflib.unified_diff(left, right, name_a, name_b, n=3, lineterm="")
         return links + "\n\n" + self.fenced("\n".join(diff), lang="diff")
+
+    def copies(self, path):
+        declared = load_copies()
+        rows = []
+        for generic, files in declared.COPIES:
+            if path in files:
+                others = ", ".join(f for f in files if f != path)
+                rows.append(f"| {self.ref(path, declared.symbol_in(path, generic))} | {others} |")
+        if not rows:
+            raise MarkerError(f"tests/test_copies.py declares no copies in {path}")
+        return "| block | written identically in |\n|---|---|\n" + "\n".join(rows)
 
     def ref(self, path, symbol, label=None):
         self.check_file(path)

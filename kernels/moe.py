@@ -1,12 +1,12 @@
 """Mixture-of-experts feed-forward: a plain-torch reference and a fused Triton version.
 
 Shapes
-    x:            (N, Hd)      N tokens
-    w_gate_up:    (E, 2*I, Hd) rows [0, I) gate projection, rows [I, 2I) up projection
-    w_down:       (E, Hd, I)
+    x:            (N, C)       N tokens of hidden size C
+    w_gate_up:    (E, 2*I, C)  rows [0, I) gate projection, rows [I, 2I) up projection
+    w_down:       (E, C, I)
     topk_ids:     (N, K)       the K experts each token is routed to
-    topk_weights: (N, K)       their mixing weights (already normalised by the router)
-    out:          (N, Hd)      x.dtype
+    topk_weights: (N, K)       their routing weights, as the model's router gives them
+    out:          (N, C)       x.dtype
 
     out[n] = sum_k topk_weights[n, k] * w_down[e] @ (silu(w_gate[e] @ x[n]) * (w_up[e] @ x[n])),
     with e = topk_ids[n, k], accumulated in float32.
@@ -15,24 +15,17 @@ The Triton version works on the N*K (token, expert) "pairs" (pair p = n*K + k):
     1. bookkeeping (torch): sort pairs by expert and pad each expert's group to whole blocks of
        BLOCK_M pairs, so every block of rows belongs to one expert (vLLM's moe_align_block_size);
     2. kernel 1: grouped matmul x @ [gate|up]^T with silu(gate) * up fused -> (N*K, I);
-    3. kernel 2: grouped matmul of that with w_down^T, times the routing weight -> (N*K, Hd);
+    3. kernel 2: grouped matmul of that with w_down^T, times the routing weight -> (N*K, C);
     4. sum each token's K rows.
 Experts that receive no token get no block, so their weights are never read.
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention import _gpu_has_bf16  # bf16 tensor cores: compute capability 8.0 or newer
-
-# See attention.py: whether the kernels below were built for Triton's CPU interpreter.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .common import DTYPES, INTERPRET, device_ok, dot_precision
 
 
 # ----------------------------------------------------------------------------------------
@@ -41,13 +34,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
     """Plain-torch loop over the experts that received tokens."""
     I = w_down.shape[2]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, Hd)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, C)
     for e in topk_ids.unique().tolist():
         token, slot = torch.where(topk_ids == e)  # tokens routed to e, and in which of their K slots
-        xe = x[token].float()  # (n_e, Hd)
+        xe = x[token].float()  # (n_e, C)
         gate_up = xe @ w_gate_up[e].float().T  # (n_e, 2I)
         h = F.silu(gate_up[:, :I]) * gate_up[:, I:]  # (n_e, I)
-        y = h @ w_down[e].float().T  # (n_e, Hd)
+        y = h @ w_down[e].float().T  # (n_e, C)
         out.index_add_(0, token, y * topk_weights[token, slot, None].float())
     return out.to(x.dtype)
 
@@ -204,17 +197,12 @@ def _down_kernel(
 # Python wrappers
 # ----------------------------------------------------------------------------------------
 def supports(x, w_gate_up):
-    """True when fused_moe can take these tensors (else use fused_moe_reference)."""
-    if INTERPRET:
-        # CPU interpreter: only while it is switched on, and it computes bf16 wrongly.
-        device_ok = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype != torch.bfloat16
-    else:
-        device_ok = x.is_cuda and (x.dtype != torch.bfloat16 or _gpu_has_bf16())
+    """True when fused_moe can take these tensors (else the caller uses its torch path)."""
     return (
-        device_ok
+        device_ok(x)
         and x.dim() == 2
         and w_gate_up.dim() == 3
-        and x.dtype in _DTYPES
+        and x.dtype in DTYPES
         and w_gate_up.dtype == x.dtype
         and w_gate_up.device == x.device
         and w_gate_up.shape[2] == x.shape[1]
@@ -223,7 +211,7 @@ def supports(x, w_gate_up):
 
 
 def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Fused MoE feed-forward; same result as fused_moe_reference. Returns (N, Hd) in x.dtype.
+    """Fused MoE feed-forward; same result as fused_moe_reference. Returns (N, C) in x.dtype.
 
     Inside torch.compile it runs as one custom op, opaque to the compiler and captured whole by a
     CUDA graph (it has no host synchronisation and no data-dependent shapes)."""
@@ -233,16 +221,15 @@ def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
 
 
 def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
-    N, Hd = x.shape
+    N, C = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
     K = topk_ids.shape[1]
-    assert w_gate_up.shape == (E, 2 * I, Hd) and w_down.shape == (E, Hd, I)
+    assert w_gate_up.shape == (E, 2 * I, C) and w_down.shape == (E, C, I)
     assert topk_ids.shape == topk_weights.shape == (N, K)
     assert w_gate_up.dtype == x.dtype and w_down.dtype == x.dtype
     P = N * K  # number of (token, expert) pairs
     if P == 0:
         return torch.zeros_like(x)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
     # 1. Group the pairs by expert in blocks of BLOCK_M rows.
     block_m = _block_m(P, E)
@@ -254,22 +241,22 @@ def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
     inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(I, meta["BLOCK_N"]))](
         x, w_gate_up, inter, pair_ids, block_expert,
-        P, K, Hd, I,
+        P, K, C, I,
         *x.stride(), *w_gate_up.stride(), *inter.stride(),
-        DOT_PRECISION=precision, BLOCK_M=block_m,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
 
-    # 3. down matmul, times the routing weight  ->  (P, Hd), float32.
-    out_pairs = torch.empty(P, Hd, dtype=torch.float32, device=x.device)
-    _down_kernel[lambda meta: (num_blocks, triton.cdiv(Hd, meta["BLOCK_N"]))](
+    # 3. down matmul, times the routing weight  ->  (P, C), float32.
+    out_pairs = torch.empty(P, C, dtype=torch.float32, device=x.device)
+    _down_kernel[lambda meta: (num_blocks, triton.cdiv(C, meta["BLOCK_N"]))](
         inter, w_down, out_pairs, pair_ids, block_expert, route,
-        P, Hd, I,
+        P, C, I,
         *inter.stride(), *w_down.stride(), *out_pairs.stride(),
-        DOT_PRECISION=precision, BLOCK_M=block_m,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
 
     # 4. Each token sums its K expert outputs.
-    return out_pairs.view(N, K, Hd).sum(dim=1).to(x.dtype)
+    return out_pairs.view(N, K, C).sum(dim=1).to(x.dtype)
 
 
 @torch.library.custom_op("qwen_kernels::fused_moe", mutates_args=())

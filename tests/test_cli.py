@@ -155,6 +155,21 @@ def test_wrong_tensor_shape_names_both_shapes(capsys, tmp_path, tiny_chat_checkp
     assert "model.layers.0.mlp.down_proj.weight has shape (32, 60), the config expects (32, 64)" in line
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weight_file_is_bad_input(tmp_path, tiny_chat_checkpoint, damage):
+    """A truncated or corrupt .safetensors file: one line naming the file and what to do, exit code 2."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_chat_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a safetensors file" * 10)
+    out = run_cli("--model", str(bad), "--prompt", "hi")
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {weights} is damaged or incomplete") and "download or copy it again" in line
+    assert "Traceback" not in out.stderr and "SafetensorError" not in line
+
+
 def test_hub_id_offline_is_one_line():
     out = run_cli("--model", "Qwen/No-Such-Model-Here", "--prompt", "hi")
     assert out.returncode == 2

@@ -345,13 +345,19 @@ def attention_unscaled(q, k, v, mask, scale):
     return reference.gqa_attention(q, k, v, mask, 1.0)
 
 
-def cache_returns_new_only(cache_k, cache_v, input_pos, k, v):
-    reference.kv_cache_update(cache_k, cache_v, input_pos, k, v)
+def cache_returns_new_only(cache_k, cache_v, slots, k, v):
+    reference.kv_cache_update(cache_k, cache_v, slots, k, v)
     return k, v
 
 
-def cache_not_in_place(cache_k, cache_v, input_pos, k, v):
-    return reference.kv_cache_update(cache_k.clone(), cache_v.clone(), input_pos, k, v)
+def cache_not_in_place(cache_k, cache_v, slots, k, v):
+    return reference.kv_cache_update(cache_k.clone(), cache_v.clone(), slots, k, v)
+
+
+def cache_returns_written_prefix(cache_k, cache_v, slots, k, v):
+    keys, values = reference.kv_cache_update(cache_k, cache_v, slots, k, v)
+    end = int(slots[-1]) + 1
+    return keys[:, :, :end], values[:, :, :end]
 
 
 def sampling_top_p_first(logits, temperature, top_k=0, top_p=1.0):
@@ -440,8 +446,9 @@ WRONG = [  # (checker, wrong answers, the diagnosis expected in the message)
     ("mask", dict(visibility_mask=mask_ignores_padding), r"left padding.*key_mask is ignored"),
     ("attention", dict(gqa_attention=attention_modulo_heads), r"query head h reads KV head h % 2"),
     ("attention", dict(gqa_attention=attention_unscaled), r"the scores are not scaled"),
-    ("kv_cache", dict(kv_cache_update=cache_returns_new_only), r"step 1 .*only this step's keys"),
+    ("kv_cache", dict(kv_cache_update=cache_returns_new_only), r"step 0 .*only the slots written so far \(here, this"),
     ("kv_cache", dict(kv_cache_update=cache_not_in_place), r"step 0 .*cache_k tensor after the call"),
+    ("kv_cache", dict(kv_cache_update=cache_returns_written_prefix), r"step 0 .*you return only the slots written"),
     ("sampling", dict(sampling_probs=sampling_top_p_first), r"top-p is applied before top-k"),
     ("sampling", dict(sampling_probs=sampling_nucleus_too_small), r"top_p=0.9\).*stops before the token"),
     ("routing", dict(route=route_always_normalised), r"norm_topk_prob=False.*renormalised to sum to 1 although"),

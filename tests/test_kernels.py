@@ -31,6 +31,7 @@ if not CUDA:
 triton = pytest.importorskip("triton", reason="triton is not installed: no kernels to test")
 
 import kernels.attention as attn  # noqa: E402
+import kernels.common as common  # noqa: E402
 import kernels.moe as moe  # noqa: E402
 
 if not CUDA:
@@ -40,7 +41,7 @@ if not CUDA:
         os.environ["TRITON_INTERPRET"] = _interpret_before
 # Can the kernels run in this process? On CPU only if triton and kernels/ were both set up
 # for the interpreter.
-RUNS_HERE = CUDA or (attn.INTERPRET and moe.INTERPRET
+RUNS_HERE = CUDA or (common.INTERPRET
                      and (not _triton_was_imported or _interpret_before == "1"))
 
 
@@ -234,10 +235,10 @@ def test_bf16_capability_check_is_asked_once_and_traces(monkeypatch):
     pytest.importorskip("torch._inductor")
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: asked.append(1) or (9, 0))
-    monkeypatch.setattr(attn, "_BF16_TENSOR_CORES", None)
-    step = torch.compile(lambda x: x + 1 if attn._gpu_has_bf16() else x - 1, fullgraph=True)
+    monkeypatch.setattr(common, "_BF16_TENSOR_CORES", None)
+    step = torch.compile(lambda x: x + 1 if common.gpu_has_bf16() else x - 1, fullgraph=True)
     assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
-    assert attn._gpu_has_bf16() and attn._gpu_has_bf16()
+    assert common.gpu_has_bf16() and common.gpu_has_bf16()
     assert len(asked) == 1
 
 

@@ -106,14 +106,14 @@ def test_model_with_triton_kernels_equals_torch_path(name):
     assert out.stdout.startswith("ok"), out.stdout
 
 
-def test_microbench_smoke(tmp_path):
-    """kernels.microbench end to end on tiny shapes (the interpreter on CPU): every row, every
+def test_kernel_microbench_smoke(tmp_path):
+    """`bench.py kernels` end to end on tiny shapes (the interpreter on CPU): every row, every
     baseline, the same outputs."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     result = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, "-m", "kernels.microbench", "--tiny", "--json", str(result)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench.py", "kernels", "--tiny", "--json", str(result)], cwd=ROOT,
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = json.loads(result.read_text())["rows"]

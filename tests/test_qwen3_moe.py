@@ -163,11 +163,11 @@ def test_expert_paths_agree():
             e = ids[n, k]
             h = torch.nn.functional.silu(w_gate_up[e, :I] @ x[n]) * (w_gate_up[e, I:] @ x[n])
             want[n] += weights[n, k] * (w_down[e] @ h)
-    for fn in (qwen3_moe.moe_reference, qwen3_moe.moe_grouped, qwen3_moe.moe_gathered):
+    for fn in (qwen3_moe.experts_reference, qwen3_moe.experts_grouped, qwen3_moe.experts_gathered):
         assert_close(fn(x, w_gate_up, w_down, ids, weights), want, atol=1e-4)
-    assert_close(qwen3_moe.moe_grouped(x, w_gate_up, w_down, ids, weights),
-                 qwen3_moe.moe_reference(x, w_gate_up, w_down, ids, weights))
-    one = qwen3_moe.moe_grouped(x[:1], w_gate_up, w_down, ids[:1], weights[:1])  # batch-1 decode shape
+    assert_close(qwen3_moe.experts_grouped(x, w_gate_up, w_down, ids, weights),
+                 qwen3_moe.experts_reference(x, w_gate_up, w_down, ids, weights))
+    one = qwen3_moe.experts_grouped(x[:1], w_gate_up, w_down, ids[:1], weights[:1])  # batch-1 decode shape
     assert_close(one, want[:1], atol=1e-4)
 
 
@@ -376,13 +376,13 @@ def test_wrong_expert_shapes_and_counts_refused(tmp_path):
 
     folder, _ = save_tiny(tmp_path / "b", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=6))  # checkpoint has 8
-    with pytest.raises(ValueError, match=r"experts\.6\.\w+_proj\.weight has shape \(\d+, \d+\) \(expert 6\).*6 experts.*"
-                                         r"\(6, \d+, \d+\)"):
+    with pytest.raises(ValueError, match=r"experts\.7\.\w+_proj\.weight makes 8 experts: .*gate_up_proj would have "
+                                         r"shape \(8, 48, 32\), the config expects \(6, 48, 32\)"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "c", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=10))  # the router says 8
-    with pytest.raises(ValueError, match=r"mlp\.gate\.weight has shape \(8, 32\), the config expects \(10, 32\)"):
+    with pytest.raises(ValueError, match=r"makes 8 experts: .* the config expects \(10, 48, 32\) \(num_experts=10\)"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "e", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)

@@ -8,7 +8,7 @@ NotImplementedError until you replace its body; an untouched stub is reported as
 yet". Only torch is needed; do not import the model files (that would be copying the answer).
 
 Shapes use B batch, T new tokens, S key slots, H query heads, KVH key/value heads, D head_dim,
-E experts, K experts per token, N tokens (B*T), V vocabulary.
+C hidden size, E experts, K experts per token, I expert width, N tokens (B*T), V vocabulary.
 """
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 # 5. The KV cache (medium) -- replaces KVCache.update in qwen2.py
-def kv_cache_update(cache_k: torch.Tensor, cache_v: torch.Tensor, input_pos, k: torch.Tensor, v: torch.Tensor):
-    """Store this step's keys and values and return what attention should read.
+def kv_cache_update(cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor):
+    """Store this step's keys and values and return the cache for attention to read.
 
     cache_k, cache_v: (B, KVH, max_len, D), written in place. k, v: (B, KVH, T, D).
-    input_pos: an int (the first slot to write; slots input_pos .. input_pos + T - 1), or a (T,)
-    tensor of slots (the static-shape path of torch.compile).
-    Returns (keys, values): with an int, every slot written so far; with a tensor, the whole cache.
+    slots: (T,) the cache slots of this step's tokens (a prefill: 0 .. T-1; a decode step: one slot).
+    Returns (keys, values): the whole cache, (B, KVH, max_len, D) each.
     """
     raise NotImplementedError("kv_cache_update")
 
@@ -106,9 +106,9 @@ def moe_block(x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Ten
               shared_expert_gate: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
     """Qwen2-MoE's feed-forward: routed experts plus the gated shared expert.
 
-    x: (B, T, H). router_weight: (E, H). w_gate_up: (E, 2I, H), rows [0, I) gate, [I, 2I) up.
-    w_down: (E, H, I). shared_gate_proj, shared_up_proj: (Is, H); shared_down_proj: (H, Is).
-    shared_expert_gate: (1, H). Returns (B, T, H).
+    x: (B, T, C). router_weight: (E, C). w_gate_up: (E, 2I, C), rows [0, I) gate, [I, 2I) up.
+    w_down: (E, C, I). shared_gate_proj, shared_up_proj: (Is, C); shared_down_proj: (C, Is).
+    shared_expert_gate: (1, C). Returns (B, T, C).
     """
     raise NotImplementedError("moe_block")
 

@@ -52,10 +52,10 @@ gqa_attention = qwen2.reference_attention
 
 
 # 5. qwen2.KVCache.update, on the student's cache tensors
-def kv_cache_update(cache_k, cache_v, input_pos, k, v):
+def kv_cache_update(cache_k, cache_v, slots, k, v):
     cache = qwen2.KVCache(1, 1, 1, 1, cache_k.dtype, cache_k.device)
     cache.k, cache.v = cache_k, cache_v  # the buffers become the given tensors (written in place)
-    return cache.update(input_pos, k, v)
+    return cache.update(slots, k, v)
 
 
 # 6. generate.sample: the distribution it draws from (torch.multinomial's argument)
@@ -89,12 +89,11 @@ def moe_block(x, router_weight, w_gate_up, w_down, shared_gate_proj, shared_up_p
     block = qwen2_moe.SparseMoeBlock(config).to(x.dtype)
     block.gate.weight = _param(router_weight)
     block.experts.gate_up_proj, block.experts.down_proj = _param(w_gate_up), _param(w_down)
-    block.experts.kernels = "reference"
     block.shared_expert.gate_proj.weight = _param(shared_gate_proj)
     block.shared_expert.up_proj.weight = _param(shared_up_proj)
     block.shared_expert.down_proj.weight = _param(shared_down_proj)
     block.shared_expert_gate.weight = _param(shared_expert_gate)
-    return block(x)[0]
+    return block(x, kernels="reference")[0]
 
 
 # 10.
