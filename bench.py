@@ -2,7 +2,7 @@
 
     python bench.py --preset qwen2-0.5b --device cuda --compile
     python bench.py --preset cpu-qwen2 --compare transformers
-    python bench.py --model ~/.cache/qwen-testdata/qwen2.5-coder-0.5b-instruct --dtype float32 --compare transformers
+    python bench.py --model ~/.cache/qwen-testdata/qwen2.5-coder-0.5b-instruct --compare transformers
     python bench.py --plot runs.jsonl        # runs.svg: decode speed of --json records against their roofline
     python bench.py kernels                  # the Triton kernels against torch (see KERNELS_DOC below)
 
@@ -38,11 +38,12 @@ PRESETS = {
     "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                      max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
-    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                              num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                              shared_expert_intermediate_size=5632, norm_topk_prob=False,
-                              max_position_embeddings=8192, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                              intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                              norm_topk_prob=False, max_position_embeddings=8192, rope_theta=1e6,
+                              tie_word_embeddings=False),
     "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                           num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
@@ -58,8 +59,10 @@ PRESETS["tiny"] = dict(model_type="qwen2", vocab_size=256, hidden_size=64, inter
                        max_position_embeddings=1024, tie_word_embeddings=True)
 
 # transformers' classes for --compare, by model_type
-HF_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+HF_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
 def synchronize(device):
@@ -86,7 +89,7 @@ def random_model(preset: dict, device, dtype, seed=0):
     config = cfg_cls.from_dict(preset)
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = lm_cls(config).to(dtype)  # cast while empty: qwen3-30b-a3b is 61 GB in bf16, 122 GB in float32
+        model = lm_cls(config).to(dtype)  # cast while empty: qwen3-30b-a3b is 61 GB in bf16, 122 in fp32
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -107,7 +110,8 @@ def transformers_twin(model, preset: dict | None, folder: str | None, device, dt
     weight tensors, so a preset that fills most of a GPU still fits once."""
     import transformers
     if folder is not None:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                               attn_implementation="sdpa")
         return hf.to(device).eval()
     cfg_name, lm_name = HF_CLASSES[preset["model_type"]]
     config = getattr(transformers, cfg_name)(**{k: v for k, v in preset.items() if k != "model_type"})
@@ -244,8 +248,8 @@ def plot_svg(records: list[dict]) -> str:
         y += gap
     height = y + 10
     line = left + width
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width * 1.25 + 150:.0f}" height="{height}" '
-            f'font-family="sans-serif" font-size="12">'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width * 1.25 + 150:.0f}" '
+            f'height="{height}" font-family="sans-serif" font-size="12">'
             '<style>.g{font-weight:bold}.n{fill:#555}.i{text-anchor:end}.b{fill:#4a7fb5}</style>'
             '<text x="8" y="22" font-size="15" font-weight="bold">Decode speed against the memory-bandwidth '
             'roofline (bench.py)</text>'
@@ -281,8 +285,8 @@ def measure(model, hf, name: str, device, bandwidth: float, batch_size: int, pro
 
     print(f"{name} | {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | "
           f"{model.dtype} | batch {batch_size} | prompt {prompt_len} | new {new_tokens} | "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | {bytes_per_token / 1e9:.3f} GB read per decode step | "
-          f"roofline {roofline:.1f} tok/s | torch {torch.__version__}")
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | {bytes_per_token / 1e9:.3f} GB read per decode step "
+          f"| roofline {roofline:.1f} tok/s | torch {torch.__version__}")
     print()
     print("| implementation | prefill tok/s | decode tok/s | % of roofline | peak memory GB | warm-up s |")
     print("|---|---|---|---|---|---|")
@@ -414,8 +418,8 @@ def transformers_experts(w_gate_up, w_down, top_k):
 
 
 def bench_moe(rows, cfg, device, dtype):
-    from kernels import moe
     import qwen3_moe  # the model files' torch fast path
+    from kernels import moe
     for name, (E, K, Hd, I) in cfg["moe"].items():
         w_gate_up = (torch.randn(E, 2 * I, Hd, device=device) / Hd**0.5).to(dtype)
         w_down = (torch.randn(E, Hd, I, device=device) / I**0.5).to(dtype)
@@ -471,7 +475,8 @@ def kernels_main(argv=None):
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
-        raise SystemExit("bench.py kernels needs a CUDA GPU (or --tiny with TRITON_INTERPRET=1 for a smoke test)")
+        raise SystemExit("bench.py kernels needs a CUDA GPU "
+                         "(or --tiny with TRITON_INTERPRET=1 for a smoke test)")
     cfg, dtype = (KERNEL_SHAPES_TINY, torch.float32) if args.tiny else (KERNEL_SHAPES, torch.bfloat16)
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
@@ -490,7 +495,8 @@ def kernels_main(argv=None):
     print(kernel_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "copy_gbs": copy_gbs, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            record = {"device": name, "copy_gbs": copy_gbs, "torch": torch.__version__, "rows": rows}
+            json.dump(record, f, indent=1)
     return rows
 
 
@@ -502,7 +508,8 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="published shapes, random weights")
     src.add_argument("--model", help="a real checkpoint: hub id or local folder")
-    src.add_argument("--plot", metavar="JSONL", help="no run: draw the records of a --json file as JSONL's name .svg")
+    src.add_argument("--plot", metavar="JSONL",
+                     help="no run: draw the records of a --json file as JSONL's name .svg")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, the checkpoint's own for --model, else float32")
@@ -512,7 +519,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on cuda)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
                    help="reference: the spelled-out attention and expert loop")
-    p.add_argument("--compare", choices=["transformers"], help="also run the same weights through transformers")
+    p.add_argument("--compare", choices=["transformers"],
+                   help="also run the same weights through transformers")
     p.add_argument("--suite", action="store_true",
                    help="every run of the GPU table (bench.SUITE) on one model; replaces the workload flags")
     p.add_argument("--json", help="append one JSON line per run to this file")
@@ -547,8 +555,8 @@ def main(argv=None):
         hf = transformers_twin(model, preset, folder, device, model.dtype)
     rows = []
     for batch_size, prompt_len, new_tokens, compile, kernels, compare in workloads:
-        rows += measure(model, hf if compare else None, name, device, bandwidth, batch_size, prompt_len, new_tokens,
-                        compile, kernels, args.json)
+        rows += measure(model, hf if compare else None, name, device, bandwidth, batch_size, prompt_len,
+                        new_tokens, compile, kernels, args.json)
     return rows
 
 

@@ -360,7 +360,7 @@ class Step:
     cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
     sin: torch.Tensor                  # (B, T, head_dim) rotary sines
     slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
-    start: int | torch.Tensor          # slot of the first query: an int, or a (1,) tensor when static
+    start: int | torch.Tensor          # slot of the first query: an int, or the slots tensor when static
     num_keys: int                      # attention reads key slots [0, num_keys)
     masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
     left_pad: torch.Tensor | None      # (B,) padding slots at the start of each row (Triton kernels)

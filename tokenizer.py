@@ -88,7 +88,8 @@ class Tokenizer:
         """
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise ValueError(f"chat messages need a role of system/user/assistant and string content: {m!r}")
+                raise ValueError(f"chat messages need a role of system/user/assistant and string "
+                                 f"content: {m!r}")
         if self.thinking:
             return render_qwen3(messages, add_generation_prompt, enable_thinking)
         return render_chatml(messages, self.default_system, add_generation_prompt)
@@ -148,7 +149,8 @@ def render_qwen3(messages, add_generation_prompt, enable_thinking) -> str:
             else:
                 reasoning, content = split_thinking(content)
             if i > last_query and (i == len(messages) - 1 or reasoning):
-                content = f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content.lstrip(chr(10))}"
+                reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+                content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}"
         text += turn(role, content)
     if add_generation_prompt:
         text += f"{IM_START}assistant\n"

@@ -71,7 +71,8 @@ def _named(body, name):
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return node
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return node
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
             return node
@@ -99,7 +100,7 @@ def span(path: str, symbol: str, header_only: bool = False) -> tuple[int, int]:
     end = node.end_lineno
     if header_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         first = node.body[0]
-        doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+        doc = isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str)
         end = first.end_lineno if doc else first.lineno - 1
     return start, end
 
@@ -107,7 +108,8 @@ def span(path: str, symbol: str, header_only: bool = False) -> tuple[int, int]:
 def load_copies():
     """tests/test_copies.py, the declaration of the model files' shared blocks (standard library only)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("qwen_copies", os.path.join(ROOT, "tests", "test_copies.py"))
+    path = os.path.join(ROOT, "tests", "test_copies.py")
+    spec = importlib.util.spec_from_file_location("qwen_copies", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -179,8 +181,9 @@ class Renderer:
                f'<code>{html.escape(symbol)}</code> in {html.escape(path_a)}'
         if left == right:
             return f'<p class="qwen-same">{same}.</p>\n' + links
-        if [MODEL_CLASS.sub("Qwen", line) for line in left] == [MODEL_CLASS.sub("Qwen", line) for line in right]:
-            return f'<p class="qwen-same">{same}, except for the name of its file\'s model classes.</p>\n' + links
+        if [MODEL_CLASS.sub("Qwen", s) for s in left] == [MODEL_CLASS.sub("Qwen", s) for s in right]:
+            return (f'<p class="qwen-same">{same}, except for the name of its file\'s model classes.</p>\n'
+                    + links)
         diff = difflib.unified_diff(left, right, name_a, name_b, n=3, lineterm="")
         return links + "\n\n" + self.fenced("\n".join(diff), lang="diff")
 
@@ -241,8 +244,8 @@ def source_page_markdown(path: str, repo_link=None) -> str:
     repo = repo_link(path, 1, len(lines)) if repo_link else None
     note = f' · <a href="{html.escape(repo)}">view on the repository</a>' if repo else ""
     fence = Renderer([path]).fenced("\n".join(lines), first_line=1)
-    return (f"# {path}\n\n<p class=\"qwen-caption\">The whole file as it is in this build, {len(lines)} lines; "
-            f"every line has an anchor, which the walkthroughs link to.{note}</p>\n\n{fence}\n")
+    return (f"# {path}\n\n<p class=\"qwen-caption\">The whole file as it is in this build, {len(lines)} "
+            f"lines; every line has an anchor, which the walkthroughs link to.{note}</p>\n\n{fence}\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,8 +96,8 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, p
 
 
 @torch.library.custom_op("qwen_kernels::decode_attention", mutates_args=())
-def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, pad: Optional[torch.Tensor],
-               window: int, scale: float) -> torch.Tensor:
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+               pad: Optional[torch.Tensor], window: int, scale: float) -> torch.Tensor:
     return decode_attention(q, k, v, start, pad, window or None, scale)
 
 

@@ -115,7 +115,9 @@ def prefill_attention(q, k, v, start, pad=None, window=None, scale=None):
     KVH, S = k.shape[1], k.shape[2]
     pad, window, qk_scale = attention_args(q, k, v, pad, window, scale)
     out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    def grid(meta):  # query blocks x (batch, head): the block size is the autotuner's choice
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
     _prefill_kernel[grid](
         q, k, v, out, pad if pad is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

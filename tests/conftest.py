@@ -19,7 +19,7 @@ def pytest_configure(config):
 
 
 def save_tiny(tmp_path, config_cls, model_cls, seed=0, **overrides):
-    """Build a random transformers model (fp32, eager attention), save_pretrained it, return (folder, model)."""
+    """Build a random transformers model (fp32, eager attention), save_pretrained it; (folder, model)."""
     torch.manual_seed(seed)
     config = config_cls(**overrides)
     config._attn_implementation = "eager"
@@ -51,17 +51,21 @@ def assert_works_copied_alone(tmp_path, model_file, checkpoint, hf_model, input_
     shutil.copy(os.path.join(ROOT, model_file), alone)
     name = model_file.removesuffix(".py")
     paths = sysconfig.get_paths()
-    script = (f"import sys; sys.path[:0] = [{str(alone)!r}]; sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
+    logits = str(alone / "logits.pt")
+    script = (f"import sys; sys.path[:0] = [{str(alone)!r}]\n"
+              f"sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
               f"import torch, {name} as m\n"
               "assert 'kernels' not in sys.modules, 'the kernels package was imported'\n"
-              "assert all(v is None for k, v in vars(m).items() if k.startswith('triton_')), 'a triton_* module loaded'\n"
-              f"torch.save(m.from_pretrained({checkpoint!r})(torch.tensor({input_ids.tolist()!r})), {str(alone / 'logits.pt')!r})\n")
+              "assert all(v is None for k, v in vars(m).items() if k.startswith('triton_')), 'triton'\n"
+              f"logits = m.from_pretrained({checkpoint!r})(torch.tensor({input_ids.tolist()!r}))\n"
+              f"torch.save(logits, {logits!r})\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(alone / "logits.pt"), hf_model(input_ids).logits, atol=atol, rtol=0)
+        expected = hf_model(input_ids).logits
+        torch.testing.assert_close(torch.load(alone / "logits.pt"), expected, atol=atol, rtol=0)
 
 
 def real_checkpoint_dir():
@@ -94,7 +98,8 @@ QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
     "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
@@ -109,6 +114,7 @@ QWEN25_TEMPLATE = (
 def write_tiny_tokenizer(folder, chat_template=QWEN25_TEMPLATE):
     """A small byte-level BPE with Qwen's special tokens (ids follow the learned vocabulary)."""
     import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -130,6 +136,7 @@ def write_tiny_tokenizer(folder, chat_template=QWEN25_TEMPLATE):
 def tiny_chat_checkpoint(tmp_path):
     """A tiny random Qwen2 model with a tiny tokenizer and generation_config.json: a complete folder."""
     import json
+
     from transformers import Qwen2Config, Qwen2ForCausalLM
     folder = tmp_path / "tiny-qwen2"
     folder.mkdir()

@@ -41,9 +41,9 @@ def test_decode_bytes_per_token_known_case():
 
 def test_decode_bytes_per_token_counts_active_experts():
     """MoE: K of E experts at batch 1; at batch b the expected distinct experts E (1 - (1 - K/E)^b)."""
-    preset = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-                  moe_intermediate_size=16, tie_word_embeddings=False)
+    preset = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, tie_word_embeddings=False)
     model = bench.random_model(preset, torch.device("cpu"), torch.float32)
     L, E, H, I, V = 2, 8, 32, 16, 64
     experts = L * E * 3 * I * H * 4  # every expert's gate, up and down, float32
@@ -81,8 +81,8 @@ def test_compiled_decode_compiles_once_across_prompts():
     """New prompt lengths and numbers of new tokens reuse the compiled step and its cache (same
     memory, as a captured CUDA graph needs); a plain forward still works afterwards."""
     pytest.importorskip("torch._inductor")
-    model = bench.random_model({**bench.PRESETS["tiny"], "max_position_embeddings": 2048}, torch.device("cpu"),
-                               torch.float32, seed=2)
+    preset = {**bench.PRESETS["tiny"], "max_position_embeddings": 2048}
+    model = bench.random_model(preset, torch.device("cpu"), torch.float32, seed=2)
     try:
         first = generate.generate_batch(model, [[5, 17, 99, 3]], 4, temperature=0, compile=True)
     except Exception as e:  # no C++ compiler for inductor on this machine
@@ -106,12 +106,14 @@ def test_compiled_decode_compiles_once_across_prompts():
 
 
 TINY_MOE = {
-    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=16, shared_expert_intermediate_size=24, tie_word_embeddings=False),
-    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=16, norm_topk_prob=True, tie_word_embeddings=False),
+    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      tie_word_embeddings=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                      tie_word_embeddings=False),
 }
 
 
@@ -132,14 +134,17 @@ def test_transformers_twin_shares_the_weights(preset):
 def test_suite_runs_every_workload_on_one_model(tmp_path, monkeypatch, capsys):
     """--suite: the workloads of bench.SUITE on one model (here a short stand-in list)."""
     pytest.importorskip("transformers")
-    monkeypatch.setattr(bench, "SUITE", [(1, 8, 4, False, "auto", True), (2, 6, 3, False, "reference", False)])
+    suite = [(1, 8, 4, False, "auto", True), (2, 6, 3, False, "reference", False)]
+    monkeypatch.setattr(bench, "SUITE", suite)
     built = []
     real_random_model = bench.random_model
-    monkeypatch.setattr(bench, "random_model", lambda *a, **kw: built.append(1) or real_random_model(*a, **kw))
+    monkeypatch.setattr(bench, "random_model",
+                        lambda *a, **kw: built.append(1) or real_random_model(*a, **kw))
     out = tmp_path / "suite.jsonl"
     rows = bench.main(["--preset", "tiny", "--device", "cpu", "--suite", "--json", str(out)])
     assert built == [1]
     assert [r["impl"] for r in rows] == ["ours (auto)", "transformers (sdpa)", "ours (reference)"]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["batch_size"], r["prompt_len"], r["new_tokens"]) for r in records] == [(1, 8, 4), (1, 8, 4), (2, 6, 3)]
+    workloads = [(r["batch_size"], r["prompt_len"], r["new_tokens"]) for r in records]
+    assert workloads == [(1, 8, 4), (1, 8, 4), (2, 6, 3)]
     assert capsys.readouterr().out.count("| implementation |") == 2

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 import generate
@@ -122,7 +121,8 @@ def test_empty_prompt(capsys, tiny_chat_checkpoint):
 
 
 def test_prompt_longer_than_context(capsys, tiny_chat_checkpoint):
-    line = one_error_line(capsys, ["--model", tiny_chat_checkpoint, "--raw", "--prompt", "Hello world " * 150])
+    argv = ["--model", tiny_chat_checkpoint, "--raw", "--prompt", "Hello world " * 150]
+    line = one_error_line(capsys, argv)
     assert "context length is 200" in line
 
 
@@ -134,7 +134,8 @@ def test_bad_checkpoints(capsys, tmp_path, tiny_chat_checkpoint):
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_chat_checkpoint, no_weights)
     os.remove(no_weights / "model.safetensors")
-    assert "no *.safetensors weights" in one_error_line(capsys, ["--model", str(no_weights), "--prompt", "hi"])
+    line = one_error_line(capsys, ["--model", str(no_weights), "--prompt", "hi"])
+    assert "no *.safetensors weights" in line
     other = tmp_path / "llama"
     shutil.copytree(tiny_chat_checkpoint, other)
     config = json.loads((other / "config.json").read_text())
@@ -166,7 +167,8 @@ def test_damaged_weight_file_is_bad_input(tmp_path, tiny_chat_checkpoint, damage
     out = run_cli("--model", str(bad), "--prompt", "hi")
     assert out.returncode == 2, out.stderr
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: {weights} is damaged or incomplete") and "download or copy it again" in line
+    assert line.startswith(f"error: {weights} is damaged or incomplete")
+    assert "download or copy it again" in line
     assert "Traceback" not in out.stderr and "SafetensorError" not in line
 
 
@@ -193,13 +195,12 @@ def test_sampling_helpers():
 
 
 def test_sampling_matches_transformers_warpers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation import logits_process as lp
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
     history = torch.randint(0, 50, (3, 7))
-    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
-    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+    expected = lp.RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(10), lp.TopPLogitsWarper(0.8)):
         expected = warper(history, expected)
     seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, history, True)
     ours = generate.apply_repetition_penalty(logits, seen, 1.3)

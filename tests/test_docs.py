@@ -21,7 +21,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT
 
 DOCS = os.path.join(ROOT, "docs")
@@ -113,7 +112,8 @@ def test_marker_rendering(caplog):
     start, end = hooks.span("qwen2.py", "RMSNorm")
     lines = open(os.path.join(ROOT, "qwen2.py")).read().splitlines()
     assert lines[start - 1].startswith("class RMSNorm") and lines[end].strip() == ""
-    out = renderer.render('Intro\n\n{{ source("qwen2.py", "RMSNorm") }}\n\nSee {{ ref("qwen2.py", "apply_rope") }}.')
+    out = renderer.render('Intro\n\n{{ source("qwen2.py", "RMSNorm") }}\n\nSee {{ ref("qwen2.py", '
+                          '"apply_rope") }}.')
     assert f"qwen2.py, lines {start}–{end}" in out and f'href="src/qwen2.py#L{start}"' in out
     assert f'```python linenums="{start}"\nclass RMSNorm' in out
     assert "<code>apply_rope</code>" in out
@@ -132,7 +132,8 @@ def test_marker_rendering(caplog):
 
 
 def test_repository_links_follow_repo_url():
-    config = types.SimpleNamespace(repo_url="https://github.com/owner/repo/", extra={"qwen_source": {"branch": "dev"}})
+    config = types.SimpleNamespace(repo_url="https://github.com/owner/repo/",
+                                   extra={"qwen_source": {"branch": "dev"}})
     assert hooks._repo_link(config)("qwen2.py", 3, 9) == "https://github.com/owner/repo/blob/dev/qwen2.py#L3-L9"
     assert hooks._repo_link(types.SimpleNamespace(repo_url=None, extra={})) is None
     renderer = hooks.Renderer(["qwen2.py"], repo_link=hooks._repo_link(config))
@@ -147,7 +148,8 @@ def test_strict_build_fails_on_a_missing_symbol(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.md").write_text('# Page\n\n{{ source("qwen2.py", "RMSNormm") }}\n')
     (tmp_path / "mkdocs.yml").write_text(
-        f"site_name: t\nhooks: [{os.path.join(DOCS, 'hooks.py')}]\nextra:\n  qwen_source:\n    files: [qwen2.py]\n")
+        f"site_name: t\nhooks: [{os.path.join(DOCS, 'hooks.py')}]\nextra:\n  qwen_source:\n    files: "
+        "[qwen2.py]\n")
     config = load_config(str(tmp_path / "mkdocs.yml"), strict=True, site_dir=str(tmp_path / "site"))
     with pytest.raises(Abort):
         build(config)
@@ -158,8 +160,8 @@ def test_strict_build_fails_on_a_missing_symbol(tmp_path):
 def test_site_builds_strict(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     page = (site / "walkthrough" / "qwen2" / "index.html").read_text()
     start = hooks.span("qwen2.py", "RMSNorm")[0]
@@ -222,7 +224,8 @@ def test_check_commands_exist():
             continue
         source = open(path).read()
         for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
-            assert flag == "--help" or f'"{flag}"' in source, f"{where}: {os.path.relpath(path, ROOT)} has no {flag}"
+            assert flag == "--help" or f'"{flag}"' in source, \
+                f"{where}: {os.path.relpath(path, ROOT)} has no {flag}"
         checked += 1
     assert checked > 20
 
@@ -260,7 +263,8 @@ def test_python_blocks_run(page, request, monkeypatch):
             code = HUB_ID.sub(lambda m: repr(folder), code)
             assert "Qwen/" not in code, f"{page}:{line}: a hub id left in a tiny-checkpoint block"
         else:
-            assert not HUB_ID.search(code), f"{page}:{line}: mark blocks that load a hub id (docs-test comments)"
+            assert not HUB_ID.search(code), \
+                f"{page}:{line}: mark blocks that load a hub id (docs-test comments)"
         torch.manual_seed(0)
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
@@ -269,7 +273,8 @@ def test_python_blocks_run(page, request, monkeypatch):
 
 
 def test_block_parser_sees_directives():
-    text = "x\n<!-- docs-test: skip -->\n```python\nraise SystemExit\n```\n\n- item\n\n    ```python\n    a = 1\n    ```\n"
+    text = ("x\n<!-- docs-test: skip -->\n```python\nraise SystemExit\n```\n\n"
+            "- item\n\n    ```python\n    a = 1\n    ```\n")
     assert code_blocks(text) == [("python", "raise SystemExit", "skip", 3), ("python", "a = 1", None, 9)]
 
 
@@ -280,7 +285,8 @@ def test_block_parser_sees_directives():
 from exercises import _harness, reference  # noqa: E402
 
 CHECKERS = {name: importlib.import_module(f"exercises.test_{name}") for name in (
-    "rmsnorm", "rope", "mask", "attention", "kv_cache", "sampling", "routing", "shared_expert", "load_balancing",
+    "rmsnorm", "rope", "mask", "attention", "kv_cache", "sampling", "routing", "shared_expert",
+    "load_balancing",
     "stream_decoder", "yarn")}
 STARTER = _harness.load(_harness.STARTER)
 
@@ -441,31 +447,39 @@ WRONG = [  # (checker, wrong answers, the diagnosis expected in the message)
     ("rmsnorm", dict(rms_norm=rms_weight_first), r"bfloat16.*multiply by the weight before casting back"),
     ("rmsnorm", dict(rms_norm=rms_eps_outside), r"eps 1e-05.*eps is added outside the square root"),
     ("rope", dict(rotate_half=rotate_interleaved), r"rotate_half.*interleaved pairs"),
-    ("rope", dict(rope_cos_sin=rope_wrong_exponent), r"cos: max abs difference.*the exponent is i / head_dim"),
+    ("rope", dict(rope_cos_sin=rope_wrong_exponent),
+     r"cos: max abs difference.*the exponent is i / head_dim"),
     ("mask", dict(visibility_mask=mask_window_too_wide), r"window 3.*lets each query see 4 keys"),
     ("mask", dict(visibility_mask=mask_ignores_padding), r"left padding.*key_mask is ignored"),
     ("attention", dict(gqa_attention=attention_modulo_heads), r"query head h reads KV head h % 2"),
     ("attention", dict(gqa_attention=attention_unscaled), r"the scores are not scaled"),
-    ("kv_cache", dict(kv_cache_update=cache_returns_new_only), r"step 0 .*only the slots written so far \(here, this"),
+    ("kv_cache", dict(kv_cache_update=cache_returns_new_only),
+     r"step 0 .*only the slots written so far \(here, this"),
     ("kv_cache", dict(kv_cache_update=cache_not_in_place), r"step 0 .*cache_k tensor after the call"),
-    ("kv_cache", dict(kv_cache_update=cache_returns_written_prefix), r"step 0 .*you return only the slots written"),
+    ("kv_cache", dict(kv_cache_update=cache_returns_written_prefix),
+     r"step 0 .*you return only the slots written"),
     ("sampling", dict(sampling_probs=sampling_top_p_first), r"top-p is applied before top-k"),
     ("sampling", dict(sampling_probs=sampling_nucleus_too_small), r"top_p=0.9\).*stops before the token"),
-    ("routing", dict(route=route_always_normalised), r"norm_topk_prob=False.*renormalised to sum to 1 although"),
-    ("routing", dict(route=route_softmax_in_bf16), r"bfloat16.*(softmax runs in the logits' dtype|picks experts)"),
+    ("routing", dict(route=route_always_normalised),
+     r"norm_topk_prob=False.*renormalised to sum to 1 although"),
+    ("routing", dict(route=route_softmax_in_bf16),
+     r"bfloat16.*(softmax runs in the logits' dtype|picks experts)"),
     ("shared_expert", dict(moe_block=moe_ungated), r"the shared expert is not gated"),
     ("shared_expert", dict(moe_block=moe_without_shared), r"the shared expert is missing"),
     ("load_balancing", dict(load_balancing_loss=lb_without_num_experts), r"not multiplied by num_experts"),
-    ("load_balancing", dict(load_balancing_loss=lb_ignores_padding), r"token_mask.*padded tokens .* are counted"),
+    ("load_balancing", dict(load_balancing_loss=lb_ignores_padding),
+     r"token_mask.*padded tokens .* are counted"),
     ("stream_decoder", dict(StreamDecoder=DecodesEachToken), r"half a character"),
-    ("stream_decoder", dict(StreamDecoder=HoldsEverything), r"emit text as soon as it no longer ends in U\+FFFD"),
+    ("stream_decoder", dict(StreamDecoder=HoldsEverything),
+     r"emit text as soon as it no longer ends in U\+FFFD"),
     ("yarn", dict(yarn_frequencies=yarn_linear), r"inv_freq.*every frequency is divided by factor"),
     ("yarn", dict(yarn_frequencies=yarn_unscaled), r"attention_scaling 1.0, expected 1.1386"),
 ]
 
 
 @pytest.mark.parametrize("name, answers, diagnosis", WRONG,
-                         ids=[f"{name}-{next(iter(answers.values())).__name__}" for name, answers, _ in WRONG])
+                         ids=[f"{name}-{next(iter(answers.values())).__name__}"
+                              for name, answers, _ in WRONG])
 def test_checker_diagnoses_wrong_code(name, answers, diagnosis):
     with torch.no_grad(), pytest.raises(_harness.CheckFailed, match=diagnosis):
         CHECKERS[name].check(with_(**answers))
@@ -482,8 +496,8 @@ def run_pytest(*args, impl=None):
     env["OMP_NUM_THREADS"] = "1"
     if impl:
         env[_harness.IMPL_ENV] = impl
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -493,14 +507,17 @@ CHECKER_FILES = [f"tests/exercises/test_{name}.py" for name in CHECKERS]
 def test_named_checkers_fail_on_the_untouched_starter():
     code, out = run_pytest("tests/exercises/test_rmsnorm.py", "tests/exercises/test_stream_decoder.py")
     assert code == 1 and "2 failed" in out, out
-    assert "not implemented yet: rms_norm (edit docs/exercises/starter.py; the task is in docs/exercises/rmsnorm.md)" in out
+    assert ("not implemented yet: rms_norm (edit docs/exercises/starter.py; the task is in "
+            "docs/exercises/rmsnorm.md)") in out
     assert "not implemented yet: StreamDecoder.push" in out
 
 
 def test_unnamed_checkers_skip_the_untouched_starter():
-    code, out = run_pytest("tests/exercises", "--deselect", "tests/exercises/test_train_tiny.py::test_train_tiny_loss_falls")
+    code, out = run_pytest("tests/exercises", "--deselect",
+                           "tests/exercises/test_train_tiny.py::test_train_tiny_loss_falls")
     assert code == 0 and f"{len(CHECKERS)} skipped" in out, out
-    assert "exercise not attempted: rms_norm in docs/exercises/starter.py still raises NotImplementedError" in out
+    assert ("exercise not attempted: rms_norm in docs/exercises/starter.py still raises "
+            "NotImplementedError") in out
 
 
 def test_checkers_run_on_a_student_file(tmp_path):
@@ -508,7 +525,8 @@ def test_checkers_run_on_a_student_file(tmp_path):
     student = tmp_path / "answers.py"
     student.write_text(
         "import importlib.util, torch\n"
-        f"spec = importlib.util.spec_from_file_location('ref', {os.path.join(ROOT, 'tests', 'exercises', 'reference.py')!r})\n"
+        "spec = importlib.util.spec_from_file_location('ref', "
+        f"{os.path.join(ROOT, 'tests', 'exercises', 'reference.py')!r})\n"
         "ref = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(ref)\n"
         "globals().update({k: v for k, v in vars(ref).items() if not k.startswith('_')})\n\n"
         "def rms_norm(x, weight, eps=1e-6):  # multiplies by the weight before casting back\n"

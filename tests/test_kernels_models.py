@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 torch = pytest.importorskip("torch")
@@ -84,13 +83,15 @@ SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_h
              max_position_embeddings=64)
 CASES = {
     "qwen2": ("qwen2", ("Qwen2Config", "Qwen2ForCausalLM"),
-              dict(SMALL, intermediate_size=96, use_sliding_window=True, sliding_window=7, max_window_layers=1)),
+              dict(SMALL, intermediate_size=96, use_sliding_window=True, sliding_window=7,
+                   max_window_layers=1)),
     "qwen2_moe": ("qwen2_moe", ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-                  dict(SMALL, intermediate_size=96, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=48, initializer_range=0.15)),
+                  dict(SMALL, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, initializer_range=0.15)),
     "qwen3_moe": ("qwen3_moe", ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
                   dict(SMALL, intermediate_size=96, head_dim=32, num_experts=8, num_experts_per_tok=4,
-                       moe_intermediate_size=32, norm_topk_prob=True, use_sliding_window=True, sliding_window=9)),
+                       moe_intermediate_size=32, norm_topk_prob=True, use_sliding_window=True,
+                       sliding_window=9)),
 }
 
 
@@ -100,8 +101,8 @@ def test_model_with_triton_kernels_equals_torch_path(name):
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, module, json.dumps(hf_classes), json.dumps(config)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    argv = [sys.executable, "-c", SCRIPT, ROOT, module, json.dumps(hf_classes), json.dumps(config)]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.startswith("ok"), out.stdout
 

@@ -4,11 +4,10 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import assert_works_copied_alone, save_tiny
 
 transformers = pytest.importorskip("transformers")
-from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as HFModel  # noqa: E402
+HFConfig, HFModel = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
 
 import generate  # noqa: E402
 import qwen2  # noqa: E402
@@ -67,7 +66,8 @@ def test_sliding_window_layers(tmp_path, overrides):
 
 def test_sliding_window_rule_is_qwen2s(tmp_path):
     """Qwen2 slides layers i >= max_window_layers (Qwen2-MoE's rule differs)."""
-    cfg = qwen2.Qwen2Config(num_hidden_layers=6, use_sliding_window=True, sliding_window=8, max_window_layers=4)
+    cfg = qwen2.Qwen2Config(num_hidden_layers=6, use_sliding_window=True, sliding_window=8,
+                            max_window_layers=4)
     hf_cfg = HFConfig(num_hidden_layers=6, use_sliding_window=True, sliding_window=8, max_window_layers=4)
     assert cfg.layer_types == hf_cfg.layer_types == ["full_attention"] * 4 + ["sliding_attention"] * 2
 
@@ -275,8 +275,10 @@ def test_bad_checkpoints_are_refused(tmp_path):
     missing = variant("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing"):
         qwen2.from_pretrained(missing)
-    wrong = variant("wrong", lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64)}))
-    with pytest.raises(ValueError, match=r"k_proj\.weight has shape \(16, 64\), the config expects \(32, 64\)"):
+    wrong = variant("wrong", lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
+                                                 torch.zeros(16, 64)}))
+    with pytest.raises(ValueError,
+                       match=r"k_proj\.weight has shape \(16, 64\), the config expects \(32, 64\)"):
         qwen2.from_pretrained(wrong)
     extra = variant("extra", lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match="unexpected tensor model.layers.7"):

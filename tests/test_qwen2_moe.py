@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_works_copied_alone, hub_available, save_tiny
 
 transformers = pytest.importorskip("transformers")
-from transformers import Qwen2MoeConfig as HFConfig, Qwen2MoeForCausalLM as HFModel  # noqa: E402
+HFConfig, HFModel = transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM
 
 import generate  # noqa: E402
 import qwen2_moe  # noqa: E402
@@ -21,8 +20,8 @@ import qwen2_moe  # noqa: E402
 # must be large enough that a wrong expert, weight or routing rule moves the logits well past ATOL.
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-            initializer_range=0.15)
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, initializer_range=0.15)
 ATOL = 1e-5
 KERNELS = ["torch", "reference"]  # the batched expert path + SDPA, and the spelled-out loop + eager attention
 
@@ -53,7 +52,8 @@ def assert_logits_match(hf, ours, x, **kw):
             ours.set_kernels(kernels)
             got = ours(x)
             assert got.shape == expected.shape
-            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m: f"kernels={kernels}: {m}")
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0,
+                                       msg=lambda m: f"kernels={kernels}: {m}")
     ours.set_kernels("auto")
 
 
@@ -109,7 +109,8 @@ def test_sliding_window_from_legacy_config(tmp_path):
         json.dump(raw, f)
     ours = qwen2_moe.from_pretrained(folder)
     assert [layer.self_attn.window for layer in ours.model.layers] == [4, None, None, None]
-    assert hf.config.layer_types[0] == "sliding_attention" and hf.config.layer_types[1:].count("full_attention") == 3
+    assert hf.config.layer_types[0] == "sliding_attention"
+    assert hf.config.layer_types[1:].count("full_attention") == 3
     assert_logits_match(hf, ours, ids(2, 17))
     # the window must matter here: without it the logits move
     ours.model.layers[0].self_attn.window = None
@@ -132,7 +133,8 @@ def test_rope_parameters_and_legacy_rope_scaling(tmp_path):
                                               "original_max_position_embeddings": 16})
     assert (ours.config.rope_theta, ours.config.rope_type) == (5e5, "yarn")
     assert_logits_match(hf, ours, ids(1, 24))
-    cfg = qwen2_moe.Qwen2MoeConfig.from_dict({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0},
+    cfg = qwen2_moe.Qwen2MoeConfig.from_dict({"rope_theta": 1e6,
+                                              "rope_scaling": {"type": "linear", "factor": 2.0},
                                               "num_hidden_layers": 2, "unknown_key": 1})
     assert (cfg.rope_theta, cfg.rope_type, cfg.rope_scaling) == (1e6, "linear", {"factor": 2.0})
 
@@ -442,7 +444,8 @@ def test_bad_checkpoints_are_refused(tmp_path):
                 json.dump(raw, f)
         return str(path)
 
-    wrong = variant("wrong", lambda t: t.update({"model.layers.1.mlp.experts.3.up_proj.weight": torch.zeros(16, 64)}))
+    wrong = variant("wrong", lambda t: t.update({"model.layers.1.mlp.experts.3.up_proj.weight":
+                                                 torch.zeros(16, 64)}))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight has shape "
                                          r"\(16, 64\), the config expects \(32, 64\)"):
         qwen2_moe.from_pretrained(wrong)
@@ -452,10 +455,12 @@ def test_bad_checkpoints_are_refused(tmp_path):
                                          r"\(8, 64, 64\), the config expects \(6, 64, 64\)"):
         qwen2_moe.from_pretrained(fewer)
     more = variant("more", lambda t: None, config={"num_experts": 10})
-    with pytest.raises(ValueError, match=r"makes 8 experts: .* shape \(8, 64, 64\), the config expects \(10, 64, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"makes 8 experts: .* shape \(8, 64, 64\), the config expects \(10, 64, 64\)"):
         qwen2_moe.from_pretrained(more)
     missing = variant("missing", lambda t: t.pop("model.layers.2.mlp.experts.4.down_proj.weight"))
-    with pytest.raises(ValueError, match=r"tensor model\.layers\.2\.mlp\.experts\.4\.down_proj\.weight is missing"):
+    with pytest.raises(ValueError,
+                       match=r"tensor model\.layers\.2\.mlp\.experts\.4\.down_proj\.weight is missing"):
         qwen2_moe.from_pretrained(missing)
     bad_size = variant("bad_size", lambda t: None, config={"moe_intermediate_size": 40})
     with pytest.raises(ValueError, match=r"experts\.0\.down_proj\.weight has shape \(64, 32\), "

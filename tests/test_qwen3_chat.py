@@ -16,19 +16,19 @@ from tokenizer import Tokenizer
 QWEN3_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
     "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
-    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n"
-    "        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
-    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
-    "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
-    "    {%- if ns.multi_step_tool and message.role == \"user\" and not(message.content.startswith('<tool_response>') "
-    "and message.content.endswith('</tool_response>')) %}\n        {%- set ns.multi_step_tool = false %}\n"
-    "        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- for message in messages %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in "
+    "tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if "
+    "messages[0].role == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0].content + "
+    "'<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- set ns = namespace(multi_step_tool=true, "
+    "last_query_index=messages|length - 1) %}\n{%- for message in messages[::-1] %}\n    {%- set index = "
+    "(messages|length - 1) - loop.index0 %}\n    {%- if ns.multi_step_tool and message.role == \"user\" and "
+    "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) "
+    "%}\n        {%- set ns.multi_step_tool = false %}\n        {%- set ns.last_query_index = index %}\n    "
+    "{%- endif %}\n{%- endfor %}\n{%- for message in messages %}\n"
     "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
     "    {%- elif message.role == \"assistant\" %}\n        {%- set content = message.content %}\n"
@@ -44,10 +44,10 @@ QWEN3_TEMPLATE = (
     "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
     "'\\n</think>\\n\\n' + content.lstrip('\\n') }}\n            {%- else %}\n"
     "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n"
-    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
-    "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
-    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
-    "                {%- endif %}\n                {%- if tool_call.function %}\n"
+    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- "
+    "endif %}\n        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' "
+    "}}\n                {%- endif %}\n                {%- if tool_call.function %}\n"
     "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
     "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
     "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
@@ -77,8 +77,10 @@ CONVERSATIONS = {
                         {"role": "assistant", "content": "<think>\n\nmore\n\n</think>\n\n\nAnd more."},
                         {"role": "assistant", "content": "No reasoning here."},
                         {"role": "assistant", "content": "Last, without reasoning."}],
-    "think_without_newlines": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>y"},
-                               {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>z</think>w"}],
+    "think_without_newlines": [{"role": "user", "content": "a"},
+                               {"role": "assistant", "content": "<think>x</think>y"},
+                               {"role": "user", "content": "b"},
+                               {"role": "assistant", "content": "<think>z</think>w"}],
     "reasoning_content": [{"role": "user", "content": "a"},
                           {"role": "assistant", "content": "answer", "reasoning_content": "\nwhy\n"}],
     "no_user": [{"role": "system", "content": "S"}, {"role": "assistant", "content": THOUGHT}],
@@ -115,7 +117,8 @@ def tokenizers(qwen3_folder):
 
 def hf_render(hf, messages, add_generation_prompt, enable_thinking="absent"):
     kwargs = {} if enable_thinking == "absent" else {"enable_thinking": enable_thinking}
-    return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                  **kwargs)
 
 
 def compare(ours, hf, messages, add_generation_prompt, enable_thinking):
@@ -123,7 +126,8 @@ def compare(ours, hf, messages, add_generation_prompt, enable_thinking):
     ours_thinking = None if enable_thinking == "absent" else enable_thinking
     got = ours.apply_chat_template(messages, add_generation_prompt, ours_thinking)
     assert got == want
-    assert ours.encode_chat(messages, add_generation_prompt, ours_thinking) == hf.encode(want, add_special_tokens=False)
+    expected = hf.encode(want, add_special_tokens=False)
+    assert ours.encode_chat(messages, add_generation_prompt, ours_thinking) == expected
     return got
 
 
@@ -140,9 +144,9 @@ def test_what_the_format_looks_like(tokenizers):
     """The cases above can fail: spell out the three behaviours they pin."""
     ours = tokenizers[0]
     user = [{"role": "user", "content": "Hi"}]
-    assert ours.apply_chat_template(user, True, False) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" \
-                                                         "<think>\n\n</think>\n\n"
-    assert ours.apply_chat_template(user, True, True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert ours.apply_chat_template(user, True, False) == prompt + "<think>\n\n</think>\n\n"
+    assert ours.apply_chat_template(user, True, True) == prompt
     text = ours.apply_chat_template(CONVERSATIONS["multi_turn"], True, None)
     assert "<think>" not in text and "<|im_start|>assistant\nHello! How can I help?<|im_end|>" in text
     text = ours.apply_chat_template(CONVERSATIONS["after_last_user"], False, None)
@@ -165,4 +169,5 @@ def test_hub_qwen3_tokenizer_matches_transformers():
         for enable_thinking in (True, False, "absent"):
             compare(ours, hf, messages, True, enable_thinking)
     ids = ours.encode_chat(CONVERSATIONS["single"], enable_thinking=False)
-    assert ids[-5:] == [151644, 77091, 198, 151667, 271, 151668, 271][-5:] or (151667 in ids and 151668 in ids)
+    expected_end = [151644, 77091, 198, 151667, 271, 151668, 271][-5:]
+    assert ids[-5:] == expected_end or (151667 in ids and 151668 in ids)

@@ -28,7 +28,10 @@ DROP = "drop"  # an override value that removes the key (the config class defaul
 
 def tiny(tmp_path, dense=False, seed=0, **overrides):
     """(our model, transformers' model) on the same random weights, via save_pretrained + from_pretrained."""
-    base, classes = (DENSE, (Qwen3Config, Qwen3ForCausalLM)) if dense else (MOE, (Qwen3MoeConfig, Qwen3MoeForCausalLM))
+    if dense:
+        base, classes = DENSE, (Qwen3Config, Qwen3ForCausalLM)
+    else:
+        base, classes = MOE, (Qwen3MoeConfig, Qwen3MoeForCausalLM)
     kwargs = {k: v for k, v in {**base, **overrides}.items() if v != DROP}
     folder, hf = save_tiny(tmp_path, *classes, seed=seed, **kwargs)
     return qwen3_moe.from_pretrained(folder), hf
@@ -140,8 +143,8 @@ def test_config_keys():
     assert c.rope_scaling == {"factor": 4.0, "original_max_position_embeddings": 32768}
     c = qwen3_moe.Qwen3MoeConfig.from_dict({"model_type": "qwen3_moe", "num_local_experts": 60})
     assert c.num_experts == 60 and c.norm_topk_prob is False  # Qwen3MoeConfig's default
-    c = qwen3_moe.Qwen3MoeConfig.from_dict({"model_type": "qwen3", "num_attention_heads": 16, "num_key_value_heads": 8,
-                                             "hidden_size": 1024})
+    c = qwen3_moe.Qwen3MoeConfig.from_dict({"model_type": "qwen3", "num_attention_heads": 16,
+                                             "num_key_value_heads": 8, "hidden_size": 1024})
     assert (c.head_dim, c.num_experts) == (128, 0)  # Qwen3Config's head_dim default, every layer dense
 
 
@@ -182,7 +185,8 @@ def test_reference_kernels_equal_fast_path_with_gradients(tmp_path):
         logits, loss = ours(ids, labels=ids, output_router_logits=True)
         loss.backward()
         outs.append(logits.detach())
-        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if "experts" in n or "gate." in n})
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()
+                      if "experts" in n or "gate." in n})
     assert_close(outs[0], outs[1])
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 9
     for name in grads[0]:
@@ -358,8 +362,10 @@ def rewrite_checkpoint(folder, edit_tensors=None, edit_config=None):
 def test_expert_stacking_is_exact(tmp_path):
     folder, hf = save_tiny(tmp_path, Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
-        assert "model.layers.1.mlp.experts.3.up_proj.weight" in f.keys()  # the hub layout, one tensor per expert
-        gate, up, down = (f.get_tensor(f"model.layers.1.mlp.experts.3.{p}_proj.weight") for p in ("gate", "up", "down"))
+        # the hub layout, one tensor per expert
+        assert "model.layers.1.mlp.experts.3.up_proj.weight" in f.keys()
+        gate, up, down = (f.get_tensor(f"model.layers.1.mlp.experts.3.{p}_proj.weight")
+                          for p in ("gate", "up", "down"))
     ours = qwen3_moe.from_pretrained(folder)
     experts = ours.model.layers[1].mlp.experts
     assert torch.equal(experts.gate_up_proj[3], torch.cat([gate, up]))
@@ -376,19 +382,21 @@ def test_wrong_expert_shapes_and_counts_refused(tmp_path):
 
     folder, _ = save_tiny(tmp_path / "b", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=6))  # checkpoint has 8
-    with pytest.raises(ValueError, match=r"experts\.7\.\w+_proj\.weight makes 8 experts: .*gate_up_proj would have "
-                                         r"shape \(8, 48, 32\), the config expects \(6, 48, 32\)"):
+    with pytest.raises(ValueError, match=r"experts\.7\.\w+_proj\.weight makes 8 experts: .*gate_up_proj "
+                                         r"would have shape \(8, 48, 32\), the config expects \(6, 48, 32\)"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "c", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=10))  # the router says 8
-    with pytest.raises(ValueError, match=r"makes 8 experts: .* the config expects \(10, 48, 32\) \(num_experts=10\)"):
+    with pytest.raises(ValueError, match=r"makes 8 experts: .* expects \(10, 48, 32\) \(num_experts=10\)"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "e", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
-    rewrite_checkpoint(folder, lambda t: [t.pop(f"model.layers.1.mlp.experts.7.{p}_proj.weight") for p in ("gate", "up")])
-    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.experts\.7\.gate_proj\.weight is missing "
-                                         r"from the checkpoint \(and 1 more\); the config has 8 experts"):
+    rewrite_checkpoint(folder, lambda t: [t.pop(f"model.layers.1.mlp.experts.7.{p}_proj.weight")
+                                          for p in ("gate", "up")])
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.experts\.7\.gate_proj\.weight "
+                                         r"is missing from the checkpoint \(and 1 more\); "
+                                         r"the config has 8 experts"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "d", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
@@ -404,8 +412,8 @@ def test_wrong_fused_shape_refused(tmp_path):
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     state["model.layers.2.mlp.experts.down_proj"] = torch.zeros(7, 32, 24)
     save_file(state, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.down_proj has shape \(7, 32, 24\), "
-                                         r"the config expects \(8, 32, 24\)"):
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.down_proj has shape \(7, 32, "
+                                         r"24\), the config expects \(8, 32, 24\)"):
         qwen3_moe.from_pretrained(folder)
 
 
@@ -447,7 +455,8 @@ def test_hub_qwen3_30b_a3b_generates():
         pytest.skip("the Hugging Face hub is not reachable")
     from tokenizer import Tokenizer
     ours = qwen3_moe.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16)
-    assert (ours.config.num_experts, ours.config.num_experts_per_tok, ours.config.norm_topk_prob) == (128, 8, True)
+    config = ours.config
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (128, 8, True)
     tok = Tokenizer.from_pretrained("Qwen/Qwen3-30B-A3B")
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France? One word."}],
                           enable_thinking=False)

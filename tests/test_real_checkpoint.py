@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, hub_available
 
 import generate
@@ -20,7 +19,8 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
 @pytest.fixture(scope="module")
 def pair(real_ckpt):
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(real_ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(real_ckpt, dtype=torch.float32, attn_implementation="eager")
+    hf = hf.eval()
     ours = qwen2.from_pretrained(real_ckpt, dtype=torch.float32)
     return hf, ours, Tokenizer(real_ckpt)
 
@@ -77,7 +77,8 @@ def test_hub_qwen25_instruct_matches_transformers():
     tok = Tokenizer.from_pretrained(name)
     hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    expected = expected[0, len(prompt):].tolist()
     got = list(generate.generate(ours, prompt, 16, stop_ids={151645}))
     assert got == expected[:len(got)]
     assert "Paris" in tok.decode(got)

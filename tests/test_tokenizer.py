@@ -2,8 +2,8 @@
 import random
 
 import pytest
-
 from conftest import write_tiny_tokenizer
+
 from tokenizer import QWEN2_SYSTEM, QWEN25_SYSTEM, StreamDecoder, Tokenizer
 
 CONVERSATIONS = [
@@ -38,7 +38,8 @@ def test_real_vocabulary_ids(real):
 def test_chat_template_matches_transformers(real, real_ckpt, messages, add_generation_prompt):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(real_ckpt)
-    expected_text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    expected_text = hf.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
     assert real.apply_chat_template(messages, add_generation_prompt) == expected_text
     expected_ids = hf(expected_text, add_special_tokens=False)["input_ids"]
     assert real.encode_chat(messages, add_generation_prompt) == expected_ids
@@ -47,8 +48,9 @@ def test_chat_template_matches_transformers(real, real_ckpt, messages, add_gener
 def test_default_system_prompts(tmp_path):
     qwen2_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                       "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-                      "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+                      "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+                      "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% "
+                      "endif %}")
     write_tiny_tokenizer(str(tmp_path), chat_template=qwen2_template)
     tok = Tokenizer(str(tmp_path))
     assert tok.default_system == QWEN2_SYSTEM

@@ -81,7 +81,8 @@ def kv_cache_update(cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.T
 
 
 # 6. Sampling (medium) -- replaces the filtering in sample() in generate.py
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
     """The distribution the next token is drawn from, after temperature, top-k and top-p.
 
     logits: (B, V); temperature > 0; top_k 0 = off; top_p 1.0 = off.

@@ -118,7 +118,7 @@ def mismatch(got, want, atol: float = 0.0, rtol: float = 0.0, allowed: float = 0
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     if got.dtype != want.dtype:
-        return f"dtype {str(got.dtype).replace('torch.', '')}, expected {str(want.dtype).replace('torch.', '')}"
+        return f"dtype {str(got.dtype)[6:]}, expected {str(want.dtype)[6:]}"  # (without "torch.")
     if want.dtype == torch.bool:
         bad = got != want
         if bad.any():
@@ -142,8 +142,8 @@ def mismatch(got, want, atol: float = 0.0, rtol: float = 0.0, allowed: float = 0
         return None
     worst = tuple(int(i) for i in torch.nonzero(diff == diff[bad].max())[0])
     return (f"max abs difference {float(diff[worst]):.3g} at index {worst} (yours {float(g[worst]):.6g}, "
-            f"expected {float(w[worst]):.6g}); {int(bad.sum())} of {want.numel()} elements are off by more than "
-            f"the tolerance (atol {atol:g}, rtol {rtol:g})")
+            f"expected {float(w[worst]):.6g}); {int(bad.sum())} of {want.numel()} elements are off by more "
+            f"than the tolerance (atol {atol:g}, rtol {rtol:g})")
 
 
 def compare(got, want, case: str, atol: float = 0.0, rtol: float = 0.0, allowed: float = 0.0, causes=()):
@@ -152,7 +152,8 @@ def compare(got, want, case: str, atol: float = 0.0, rtol: float = 0.0, allowed:
     problem = mismatch(got, want, atol, rtol, allowed)
     if problem is None:
         return
-    likely = [why for alt, why in causes if torch.is_tensor(got) and mismatch(got, alt, atol, rtol, allowed) is None]
+    likely = [why for alt, why in causes
+              if torch.is_tensor(got) and mismatch(got, alt, atol, rtol, allowed) is None]
     fail(f"{case}: {problem}." + (f" Likely cause: {likely[0]}" if likely else ""))
 
 

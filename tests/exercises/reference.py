@@ -35,8 +35,8 @@ def rms_norm(x, weight, eps=1e-6):
 
 # 2. qwen2.RotaryEmbedding (default RoPE), rotate_half, apply_rope
 def _rope_config(head_dim, theta, **kw):
-    return qwen2.Qwen2Config(hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1, head_dim=head_dim,
-                             rope_theta=theta, **kw)
+    return qwen2.Qwen2Config(hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1,
+                             head_dim=head_dim, rope_theta=theta, **kw)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -101,7 +101,8 @@ StreamDecoder = tokenizer.StreamDecoder
 
 
 # 11. qwen2.rope_frequencies for rope_type "yarn"
-def yarn_frequencies(head_dim, theta, factor, original_max_position_embeddings, beta_fast=32.0, beta_slow=1.0):
+def yarn_frequencies(head_dim, theta, factor, original_max_position_embeddings, beta_fast=32.0,
+                     beta_slow=1.0):
     scaling = {"factor": factor, "original_max_position_embeddings": original_max_position_embeddings,
                "beta_fast": beta_fast, "beta_slow": beta_slow}
     config = _rope_config(head_dim, theta, rope_type="yarn", rope_scaling=scaling,

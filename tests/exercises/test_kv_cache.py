@@ -28,7 +28,8 @@ def check(impl):
         end = int(slots[-1]) + 1
         whole = "; return the whole cache, always the same shape (attention takes the slots it reads itself)"
         if n == 0:  # a prefill from slot 0: this step's keys are all the slots written so far
-            causes = [(k, "you return only the slots written so far (here, this step's keys and values)" + whole)]
+            causes = [(k, "you return only the slots written so far (here, this step's keys and values)"
+                          + whole)]
         else:
             causes = [(k, "you return only this step's keys and values" + whole),
                       (ref[0][:, :, :end], "you return only the slots written so far" + whole)]

@@ -23,8 +23,8 @@ def check(impl):
         ("one layer in bfloat16", (layers[0].to(torch.bfloat16),), None, 1e-2),
     ]
     for what, logits, token_mask, rtol in cases:
-        case = f"{what}: load_balancing_loss({len(logits)} x {tuple(logits[0].shape)}, num_experts={E}, top_k={K}" + \
-               (", token_mask)" if token_mask is not None else ")")
+        case = (f"{what}: load_balancing_loss({len(logits)} x {tuple(logits[0].shape)}, num_experts={E}, "
+                f"top_k={K}" + (", token_mask)" if token_mask is not None else ")"))
         got = call(load_balancing_loss, logits, E, K, token_mask, case=case)
         want = reference.load_balancing_loss(logits, E, K, token_mask)
         if not torch.is_tensor(got) or got.numel() != 1:
@@ -39,8 +39,8 @@ def check(impl):
             per_layer = torch.stack([reference.load_balancing_loss((l,), E, K, token_mask) for l in logits])
             causes += [(per_layer.sum().float(), "you add one loss per layer; concatenate the layers' router "
                                                  "logits and compute one loss over all rows"),
-                       (per_layer.mean().float(), "you average per-layer losses; concatenate the layers' rows "
-                                                  "and compute the loss once")]
+                       (per_layer.mean().float(), "you average per-layer losses; concatenate the layers' "
+                                                  "rows and compute the loss once")]
         compare(got, want.float(), case, atol=1e-6, rtol=rtol, causes=causes)
 
 

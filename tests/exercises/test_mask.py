@@ -31,21 +31,22 @@ def check(impl):
         if window is not None:
             causes += [((k <= q)[None, None], "the window is ignored"),
                        (((k <= q) & (k >= q - window))[None, None],
-                        f"your window lets each query see {window + 1} keys; it sees exactly window = {window} "
-                        f"keys, its own slot included (j > i - window)"),
+                        f"your window lets each query see {window + 1} keys; it sees exactly window = "
+                        f"{window} keys, its own slot included (j > i - window)"),
                        (((k <= q) & (k > q - window + 1))[None, None],
-                        f"your window lets each query see {window - 1} keys; it sees exactly window = {window}, "
-                        f"its own slot included"),
+                        f"your window lets each query see {window - 1} keys; it sees exactly window = "
+                        f"{window}, its own slot included"),
                        ((k > q - window)[None, None], "the causal part is missing: j <= i")]
         if key_mask is not None:
             base = reference.visibility_mask(q_slots, S, window, None)
             causes += [(base, "key_mask is ignored: slots where key_mask is 0 must be hidden"),
-                       (base & key_mask[:, None, None, :S].bool(), "a padding query now sees no key at all, so "
-                        "its softmax is 0/0 = NaN; let every query see its own slot")]
-        if torch.is_tensor(got) and got.shape == want.shape and got.dtype == torch.bool and (got != want).any():
+                       (base & key_mask[:, None, None, :S].bool(), "a padding query now sees no key at all, "
+                        "so its softmax is 0/0 = NaN; let every query see its own slot")]
+        comparable = torch.is_tensor(got) and got.shape == want.shape and got.dtype == torch.bool
+        if comparable and (got != want).any():
             b, _, t, j = (int(i) for i in (got != want).nonzero()[0])
-            where = (f" (row {b}, query at slot {int(q_slots[t])}, key slot {j}: yours {bool(got[b, 0, t, j])}, "
-                     f"expected {bool(want[b, 0, t, j])})")
+            where = (f" (row {b}, query at slot {int(q_slots[t])}, key slot {j}: yours "
+                     f"{bool(got[b, 0, t, j])}, expected {bool(want[b, 0, t, j])})")
             likely = [why for alt, why in causes if torch.equal(alt.expand_as(want), got)]
             fail(f"{case}: {int((got != want).sum())} of {want.numel()} entries differ{where}." +
                  (f" Likely cause: {likely[0]}" if likely else ""))

@@ -26,14 +26,15 @@ def check(impl):
         inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         causes = [
             ((weight * (x32 * inv)).to(dtype), "you multiply by the weight before casting back to the input "
-             "dtype; cast the normalised x to x.dtype first, then multiply by the weight (transformers' order)"),
+             "dtype; cast the normalised x to x.dtype first, then multiply by the weight (transformers' "
+             "order)"),
             (weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)),
              "the mean of squares is computed in the input dtype; compute it in float32"),
             (weight * (x32 / (x32.pow(2).mean(-1, keepdim=True).sqrt() + eps)).to(dtype),
              "eps is added outside the square root; it goes inside: rsqrt(mean(x^2) + eps)"),
             (weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True))).to(dtype), "eps is missing"),
-            (weight * ((x32 - x32.mean(-1, keepdim=True)) * torch.rsqrt(x32.var(-1, keepdim=True, unbiased=False)
-                                                                       + eps)).to(dtype),
+            (weight * ((x32 - x32.mean(-1, keepdim=True))
+                       * torch.rsqrt(x32.var(-1, keepdim=True, unbiased=False) + eps)).to(dtype),
              "you subtract the mean (that is LayerNorm); RMSNorm does not center"),
             ((x32 * inv).to(dtype), "the weight is missing"),
         ]

@@ -20,17 +20,20 @@ def wrong_tables(positions, head_dim, theta, dtype):
          "(arange(0, head_dim, 2) / head_dim)"),
         (tables(1.0 / theta ** (even / head_dim), "interleave"), "the frequencies are repeated pairwise "
          "(f0, f0, f1, f1, ...); Qwen concatenates two copies (f0, f1, ..., f0, f1, ...)"),
-        (tables(theta ** (even / head_dim)), "these are frequencies of theta ** (2i/d); the inverse frequency "
-         "is 1 / theta ** (2i/d)"),
+        (tables(theta ** (even / head_dim)), "these are frequencies of theta ** (2i/d); the inverse "
+         "frequency is 1 / theta ** (2i/d)"),
     ]
 
 
 def check(impl):
-    rope_cos_sin, rotate_half, apply_rope = (function(impl, n) for n in ("rope_cos_sin", "rotate_half", "apply_rope"))
+    rope_cos_sin, rotate_half, apply_rope = (function(impl, n)
+                                             for n in ("rope_cos_sin", "rotate_half", "apply_rope"))
     gen = torch.Generator().manual_seed(0)
-    for head_dim, theta, dtype in [(64, 10000.0, torch.float32), (128, 1e6, torch.float32), (32, 10000.0, torch.bfloat16)]:
+    for head_dim, theta, dtype in [(64, 10000.0, torch.float32), (128, 1e6, torch.float32),
+                                   (32, 10000.0, torch.bfloat16)]:
         positions = torch.randint(0, 500, (2, 7), generator=gen)
-        case = f"rope_cos_sin(positions {tuple(positions.shape)}, head_dim {head_dim}, theta {theta:g}, {str(dtype)[6:]})"
+        case = (f"rope_cos_sin(positions {tuple(positions.shape)}, head_dim {head_dim}, theta {theta:g}, "
+                f"{str(dtype)[6:]})")
         got = call(rope_cos_sin, positions, head_dim, theta, dtype, case=case)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             fail(f"{case}: return (cos, sin), a pair of tensors")
@@ -45,9 +48,11 @@ def check(impl):
         x1, x2 = x.chunk(2, -1)
         case = f"rotate_half(x {shape})"
         compare(call(rotate_half, x, case=case), reference.rotate_half(x), case, causes=[
-            (torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2), "you rotate interleaved pairs (x0, x1), "
-             "(x2, x3), ... (GPT-J / Meta's complex form); Qwen pairs x[i] with x[i + D/2]: cat(-x2, x1) of the halves"),
-            (torch.cat((x2, -x1), -1), "the sign is on the wrong half: the result is cat(-second half, first half)"),
+            (torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2),
+             "you rotate interleaved pairs (x0, x1), (x2, x3), ... (GPT-J / Meta's complex form); Qwen pairs "
+             "x[i] with x[i + D/2]: cat(-x2, x1) of the halves"),
+            (torch.cat((x2, -x1), -1),
+             "the sign is on the wrong half: the result is cat(-second half, first half)"),
             (torch.cat((-x1, x2), -1), "the halves are not swapped"),
         ])
 

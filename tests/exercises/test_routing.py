@@ -29,8 +29,8 @@ def check(impl):
             fail(f"{case}: return (weights, ids), two (N, K) tensors")
         want_w, want_ids = reference.route(logits, K, norm)
         if got[1].shape != want_ids.shape or got[0].shape != want_w.shape:
-            fail(f"{case}: weights {tuple(got[0].shape)} and ids {tuple(got[1].shape)}; both should be {(N, K)} "
-                 f"(did you swap them? return (weights, ids))")
+            fail(f"{case}: weights {tuple(got[0].shape)} and ids {tuple(got[1].shape)}; both should be "
+                 f"{(N, K)} (did you swap them? return (weights, ids))")
         w, ids = by_id(got[0], got[1].long())
         want_w, want_ids = by_id(want_w, want_ids)
         if not torch.equal(ids, want_ids):
@@ -40,16 +40,17 @@ def check(impl):
         p32 = torch.softmax(logits, -1, dtype=torch.float32)
         top = p32.gather(-1, want_ids)
         causes = [(by_id(*reference.route(logits, K, not norm))[0],
-                   "the weights are renormalised to sum to 1 although norm_topk_prob is False" if not norm else
-                   "norm_topk_prob is True: divide the K weights by their sum"),
+                   "the weights are renormalised to sum to 1 although norm_topk_prob is False"
+                   if not norm else "norm_topk_prob is True: divide the K weights by their sum"),
                   (top, "the weights must come back in the logits' dtype"),
                   (torch.softmax(logits, -1).gather(-1, want_ids).to(dtype) if not norm else
                    (lambda t: t / t.sum(-1, keepdim=True))(torch.softmax(logits, -1).gather(-1, want_ids)),
-                   "the softmax runs in the logits' dtype; run it in float32 (softmax(..., dtype=torch.float32)) "
-                   "and cast the weights back at the end")]
+                   "the softmax runs in the logits' dtype; run it in float32 (softmax(..., "
+                   "dtype=torch.float32)) and cast the weights back at the end")]
         if not norm:  # (with norm_topk_prob, a softmax over the K chosen logits is the right answer)
             causes.append((torch.softmax(logits.float().gather(-1, want_ids), -1).to(dtype),
-                           "the softmax is taken over the K chosen logits only; take it over all E experts, then pick"))
+                           "the softmax is taken over the K chosen logits only; take it over all E "
+                           "experts, then pick"))
         compare(w, want_w, case + ": weights", atol=1e-6 if dtype == torch.float32 else 0, causes=causes)
 
 

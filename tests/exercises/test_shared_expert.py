@@ -29,9 +29,10 @@ def check(impl):
         routed = reference.moe_block(x, **{**args, "shared_down_proj": torch.zeros(H, Is)})
         shared = F.linear(F.silu(F.linear(x, args["shared_gate_proj"])) * F.linear(x, args["shared_up_proj"]),
                           args["shared_down_proj"])                                # the ungated shared expert
-        causes = [(routed, "the shared expert is missing: add sigmoid(x @ shared_expert_gate.T) * shared_expert(x)"),
-                  (routed + shared, "the shared expert is not gated: multiply it by sigmoid(x @ shared_expert_gate.T), "
-                                    "one scalar per token"),
+        causes = [(routed,
+                   "the shared expert is missing: add sigmoid(x @ shared_expert_gate.T) * shared_expert(x)"),
+                  (routed + shared, "the shared expert is not gated: multiply it by sigmoid(x @ "
+                                    "shared_expert_gate.T), one scalar per token"),
                   (routed + shared * (x @ args["shared_expert_gate"].T), "the gate needs a sigmoid"),
                   (reference.moe_block(x, **{**args, "norm_topk_prob": not norm}),
                    "norm_topk_prob is not followed: renormalise the top-k weights only when it is True"),

@@ -20,6 +20,7 @@ def tiny_tokenizer():
     """A small byte-level BPE with Qwen's special tokens (tests/conftest.py's); non-ASCII characters
     are split over several byte tokens."""
     from conftest import write_tiny_tokenizer
+
     from tokenizer import Tokenizer
     folder = tempfile.mkdtemp(prefix="qwen-exercise-tokenizer-")
     write_tiny_tokenizer(folder)
@@ -27,7 +28,8 @@ def tiny_tokenizer():
 
 
 def stream(cls, tok, ids, skip, case):
-    decoder = call(cls, tok, skip_special_tokens=skip, case=case + ": StreamDecoder(tokenizer, skip_special_tokens)")
+    decoder = call(cls, tok, skip_special_tokens=skip,
+                   case=case + ": StreamDecoder(tokenizer, skip_special_tokens)")
     pieces = [call(decoder.push, i, case=f"{case}: push(token {n})") for n, i in enumerate(ids)]
     return pieces, call(decoder.flush, case=f"{case}: flush()")
 
@@ -46,14 +48,14 @@ def check(impl):
             full = tok.decode(ids, skip_special_tokens=skip)
             for n, piece in enumerate(pieces):
                 if not isinstance(piece, str):
-                    fail(f"{case}: push(token {n}) returned {type(piece).__name__}; return a str (\"\" when nothing "
-                         f"is complete)")
+                    fail(f"{case}: push(token {n}) returned {type(piece).__name__}; "
+                         "return a str (\"\" when nothing is complete)")
                 if "\ufffd" in piece and "\ufffd" not in want[n]:
-                    fail(f"{case}: push(token {n}) returned {piece!r}, half a character (U+FFFD): hold tokens back "
-                         f"while their text ends in U+FFFD")
+                    fail(f"{case}: push(token {n}) returned {piece!r}, half a character (U+FFFD): hold "
+                         f"tokens back while their text ends in U+FFFD")
             if "".join(pieces) + rest != full:
-                fail(f"{case}: your pieces add up to {''.join(pieces) + rest!r}, the full decode is {full!r}: decode "
-                     f"the held-back tokens together, not one by one")
+                fail(f"{case}: your pieces add up to {''.join(pieces) + rest!r}, the full decode is "
+                     f"{full!r}: decode the held-back tokens together, not one by one")
             for n, (piece, ref) in enumerate(zip(pieces, want)):
                 if piece != ref:
                     fail(f"{case}: after token {n} you return {piece!r}, the reference {ref!r}: "

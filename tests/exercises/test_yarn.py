@@ -26,12 +26,14 @@ def check(impl):
         inv_freq, scaling = reference.yarn_frequencies(head_dim, theta, factor, original, fast, slow)
         plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         compare(got[0], inv_freq, case + ": inv_freq", rtol=1e-5, causes=[
-            (plain, "these are the unscaled frequencies: the low frequencies (long wavelengths) must be divided "
-                    "by factor"),
-            (plain / factor, "every frequency is divided by factor (that is linear scaling); the high frequencies "
-                             "keep their value, with a linear ramp between the two correction dimensions"),
+            (plain, "these are the unscaled frequencies: the low frequencies (long wavelengths) must be "
+                    "divided by factor"),
+            (plain / factor, "every frequency is divided by factor (that is linear scaling); the high "
+                             "frequencies keep their value, with a linear ramp between the two correction "
+                             "dimensions"),
             (plain / factor + plain - inv_freq, "the ramp runs the wrong way: the high frequencies (first "
-                                                "dimensions) keep their value, the low ones are divided by factor")])
+                                                "dimensions) keep their value, the low ones are divided by "
+                                                "factor")])
         try:
             ok = math.isclose(float(got[1]), scaling, rel_tol=1e-6)
         except (TypeError, ValueError):
