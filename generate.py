@@ -75,6 +75,10 @@ def load(name_or_path: str, device=None, dtype=None):
     if not config:
         raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
     module = model_module(config.get("model_type"))
+    architecture = (config.get("architectures") or ["a causal LM"])[0]
+    if not architecture.endswith("ForCausalLM") and architecture != "a causal LM":
+        raise UsageError(f"{name_or_path} is a {architecture} checkpoint: generate.py needs a causal LM "
+                         f"(...ForCausalLM); load it with {module.__name__}.from_pretrained instead")
     model = module.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(folder)
     return model, tokenizer, generation_defaults(folder)

@@ -12,10 +12,14 @@ A decoder-only transformer, read top to bottom:
 * MLP: SwiGLU, `down(silu(gate(x)) * up(x))`, no biases.
 * KV cache: preallocated per layer and written at the current positions, so the same forward
   serves the prompt (prefill) and one-token decode steps.
+* Besides the causal LM, the task heads transformers defines on the same decoder stack: sequence
+  classification (reward models), token classification, question answering; and `embed`, the
+  last-token embedding of Qwen3's embedding models. `from_pretrained` builds the class config.json
+  names.
 
 The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
 attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward;
-layer, model, causal LM; losses; loading. What the files share is written identically
+layer, model, causal LM; task heads; losses; loading. What the files share is written identically
 (tests/test_copies.py holds them to it); what differs:
 * qwen2_moe.py (Qwen1.5-MoE, Qwen2-MoE): the MLP of most layers is a mixture of experts with a
   shared expert; q/k/v bias follows `qkv_bias`; a different sliding-window layer rule.
@@ -91,11 +95,20 @@ class Qwen2Config:
     layer_types: list | None = None     # per layer "full_attention" / "sliding_attention" (wins if given)
     hidden_act: str = "silu"            # MLP activation (Qwen2 only ever uses SiLU)
     torch_dtype: str | None = None      # dtype the checkpoint was saved in, e.g. "bfloat16"
+    # The task heads (sequence / token classification, question answering):
+    num_labels: int = 2                 # outputs of the classification heads (len(id2label) when given)
+    id2label: dict | None = None        # class index -> label name
+    problem_type: str | None = None     # regression, single_label_classification, multi_label_classification
+    pad_token_id: int | None = None     # padding token: sequence classification reads the last other token
+    classifier_dropout: float | None = None  # token classification's dropout (None: 0.1, as transformers)
     model_type: str = "qwen2"
 
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.id2label:  # config.json's keys are strings
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -254,8 +267,9 @@ def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
     visible = visible[None, None]                                # (1, 1, T, S)
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :S].bool()   # (B, 1, T, S)
-        # A padding query sees no key; let it see itself so its softmax stays finite (output unused).
-        visible = visible | (k == q)
+        # A query that sees no key at all (left padding) sees itself, so that its softmax stays finite
+        # (its output is never used); every other query keeps exactly the keys above.
+        visible = visible | ((k == q) & ~visible.any(-1, keepdim=True))
     return visible
 
 
@@ -553,6 +567,113 @@ class Qwen2ForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Task heads: sequence classification (reward models), token classification, question answering
+# ----------------------------------------------------------------------------------------------
+
+class Qwen2ForSequenceClassification(nn.Module):
+    """The decoder stack and `score`: one vector of num_labels logits per sequence, read at its last
+    token that is not padding (reward models: num_labels 1, the reward)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """input_ids (B, T) -> logits (B, num_labels); with `labels`, (logits, loss) by the config's
+        problem_type (see sequence_classification_loss)."""
+        hidden = self.model(input_ids, attention_mask, position_ids)                 # (B, T, C)
+        last = last_token_index(input_ids, self.config.pad_token_id)                # (B,)
+        logits = self.score(hidden[torch.arange(len(last), device=last.device), last])  # (B, num_labels)
+        if labels is None:
+            return logits
+        return logits, sequence_classification_loss(logits, labels, self.config)
+
+
+class Qwen2ForTokenClassification(nn.Module):
+    """The decoder stack, dropout and `score` (with bias): num_labels logits for every token."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.dropout = nn.Dropout(0.1 if config.classifier_dropout is None else config.classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """input_ids (B, T) -> logits (B, T, num_labels); with `labels` (B, T), (logits, loss)."""
+        hidden = self.model(input_ids, attention_mask, position_ids)                 # (B, T, C)
+        logits = self.score(self.dropout(hidden))                                    # (B, T, num_labels)
+        if labels is None:
+            return logits
+        return logits, token_classification_loss(logits, labels)
+
+
+class Qwen2ForQuestionAnswering(nn.Module):
+    """The decoder stack and `qa_outputs`: for every token, the logit that the answer starts there and
+    the logit that it ends there. The decoder stack is named `transformer` here, as in transformers'
+    checkpoints of this class."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = Qwen2Model(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, input_ids: torch.Tensor, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """input_ids (B, T) -> (start_logits, end_logits), (B, T) each; with start_positions and
+        end_positions (B,), (start_logits, end_logits, loss)."""
+        hidden = self.transformer(input_ids, attention_mask, position_ids)           # (B, T, C)
+        start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)               # (B, T) each
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        return start_logits, end_logits, question_answering_loss(start_logits, end_logits, start_positions,
+                                                                 end_positions)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) the position of each row's last token that is not padding, as transformers' sequence
+    classification pools: the rightmost token other than pad_token_id (left or right padding alike;
+    0 for a row of padding only). Without a pad token only a batch of one row is allowed."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError(f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
+                             f"set it (the tokenizer's padding token) or pass one row at a time")
+        return torch.full((1,), T - 1, device=input_ids.device)
+    positions = torch.arange(T, device=input_ids.device)                     # (T,)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)              # (B,)
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor,
+          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Text embeddings as Qwen3's embedding models compute them: the final hidden state of each row's
+    last real token, L2-normalised. (B, T) token ids -> (B, hidden_size).
+
+    model: the decoder stack or any class of this file that holds one. attention_mask (B, T): 1 for
+    real tokens, 0 for padding (left or right). The embedding models' convention: each text ends
+    with <|endoftext|> (their tokenizer appends it; with this project's Tokenizer, append
+    token_id("<|endoftext|>") yourself), and a query is written "Instruct: {task}\\nQuery:{query}"
+    while the documents it is compared with are embedded as they are.
+    """
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    hidden = decoder(input_ids, attention_mask)
+    if isinstance(hidden, tuple):  # the MoE files' decoder stack also returns router logits
+        hidden = hidden[0]                                                   # (B, T, C)
+    last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)
+    if attention_mask is not None:  # the rightmost real token of each row
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * attention_mask.to(positions.device)).argmax(-1)   # (B,)
+    pooled = hidden[torch.arange(len(last), device=last.device), last]         # (B, C)
+    return F.normalize(pooled.float(), dim=-1).to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
 
@@ -561,6 +682,65 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=-100)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """transformers' loss for sequence classification, by config.problem_type: "regression" (mean
+    squared error), "single_label_classification" (cross-entropy over num_labels, -100 ignored) or
+    "multi_label_classification" (binary cross-entropy with logits per label). When the config
+    names none, it is chosen from num_labels and the labels' dtype and written into the config, as
+    transformers does, so later calls keep it. logits: (B, num_labels)."""
+    B, num_labels = logits.shape
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    wanted = {"regression": [(B,), (B, num_labels)], "single_label_classification": [(B,)],
+              "multi_label_classification": [(B, num_labels)]}.get(config.problem_type)
+    if wanted is None:
+        raise ValueError(f"unknown problem_type {config.problem_type!r} (regression, "
+                         f"single_label_classification or multi_label_classification)")
+    if tuple(labels.shape) not in wanted:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; {config.problem_type} with {B} rows and "
+                         f"{num_labels} labels expects {' or '.join(map(str, wanted))}")
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every token in float32, labels of -100 ignored. logits (B, T, num_labels),
+    labels (B, T)."""
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; token classification expects one label "
+                         f"per token, {tuple(logits.shape[:2])}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
+def question_answering_loss(start_logits: torch.Tensor, end_logits: torch.Tensor,
+                            start_positions: torch.Tensor, end_positions: torch.Tensor) -> torch.Tensor:
+    """The mean of the start and the end cross-entropies, as transformers computes it: positions (B,)
+    (or (B, 1)) are clamped to [0, T], and T (an answer outside the text) is ignored."""
+    B, T = start_logits.shape
+    positions = []
+    for name, p in (("start_positions", start_positions), ("end_positions", end_positions)):
+        p = p.squeeze(-1) if p.dim() > 1 else p
+        if tuple(p.shape) != (B,):
+            raise ValueError(f"{name} have shape {tuple(p.shape)}; question answering expects one position "
+                             f"per row, ({B},)")
+        positions.append(p.to(start_logits.device).clamp(0, T))
+    start_loss = F.cross_entropy(start_logits, positions[0], ignore_index=T)
+    end_loss = F.cross_entropy(end_logits, positions[1], ignore_index=T)
+    return (start_loss + end_loss) / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,29 +811,47 @@ def open_safetensors(file: str):
         raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
 
 
-def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name: False):
+HEADS = ("lm_head", "score", "qa_outputs")  # the modules of the task heads, beside the decoder stack
+
+
+def parameter_for(name: str, backbone: str) -> str:
+    """The model's name for a checkpoint tensor. The decoder stack's tensors go under the model's own
+    prefix `backbone`: "model." (the causal LM and most heads), "transformer." (question answering),
+    or none (the bare decoder stack, as embedding models are saved); the heads' tensors (lm_head,
+    score, qa_outputs) keep their names."""
+    first, _, rest = name.partition(".")
+    if first in ("model", "transformer"):
+        name, first = rest, rest.partition(".")[0]
+    return name if first in HEADS else backbone + name
+
+
+def load_weights(model: nn.Module, folder: str, device, dtype, hint: str = ""):
     """Stream every tensor from the safetensors files into `model` (built on the meta device):
-    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists."""
+    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists. A head
+    the model does not have (lm_head when it is tied or when loading a classifier, ...) is skipped;
+    `hint` ends the message when a tensor is missing."""
     expected = dict(model.named_parameters())
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in expected)
     seen = set()
     for file in safetensors_files(folder):
         with open_safetensors(file) as f:
             for name in f.keys():
-                if name not in expected:
-                    if skip(name) or name.endswith("rotary_emb.inv_freq"):
+                target = parameter_for(name, backbone)
+                if target not in expected:
+                    if target.partition(".")[0] in HEADS or name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
                                      f"does not match its config.json")
                 tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
+                if tuple(tensor.shape) != tuple(expected[target].shape):
                     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
-                                     f"{tuple(expected[name].shape)}")
-                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
-                seen.add(name)
+                                     f"{tuple(expected[target].shape)}")
+                set_parameter(model, target, tensor.to(device=device, dtype=dtype))
+                seen.add(target)
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
-                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + hint)
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -662,10 +860,22 @@ def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2ForCausalLM:
+ARCHITECTURES = {  # config.json's `architectures` -> the class this file builds for it (the first: default)
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "Qwen2ForTokenClassification": Qwen2ForTokenClassification,
+    "Qwen2ForQuestionAnswering": Qwen2ForQuestionAnswering,
+    "Qwen2Model": Qwen2Model,
+}
+
+
+def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: str | None = None) -> nn.Module:
     """Load a Qwen2 / Qwen2.5 checkpoint: a local folder or a hub id such as
     "Qwen/Qwen2.5-0.5B-Instruct".
 
+    architecture: the class to build, by its transformers name (a key of ARCHITECTURES); default the
+    one config.json's `architectures` names (the causal LM when it names none). The decoder stack
+    alone ("Qwen2Model") loads from a checkpoint of any of them, for embeddings.
     dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
     device: default "cpu". Parameters load with requires_grad=False; call
     `model.requires_grad_(True)` to train.
@@ -675,6 +885,11 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2ForCausa
     if raw.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
                          f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
+    saved = (raw.get("architectures") or [None])[0]
+    architecture = architecture or saved or next(iter(ARCHITECTURES))
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{name_or_path} is a {architecture}, which {os.path.basename(__file__)} does not "
+                         f"build (it builds {', '.join(ARCHITECTURES)}; choose one with architecture=)")
     config = Qwen2Config.from_dict(raw)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -683,10 +898,11 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen2ForCausa
     dtype = dtype or DTYPES.get(config.torch_dtype or "", torch.float32)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    tied = config.tie_word_embeddings  # the checkpoint then has no lm_head.weight (ignored if present)
-    load_weights(model, folder, device, dtype, skip=lambda name: tied and name == "lm_head.weight")
-    if tied:
+        model = ARCHITECTURES[architecture](config)
+    hint = "" if saved in (None, architecture) else f"; {name_or_path} holds a {saved}, not a {architecture}"
+    load_weights(model, folder, device, dtype, hint)
+    if config.tie_word_embeddings and hasattr(model, "lm_head"):  # the checkpoint has no lm_head.weight
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    decoder.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)  # a buffer, not a weight
     return model.eval()

@@ -22,7 +22,8 @@ A decoder-only transformer, read top to bottom:
 
 The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
 attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward
-(MLP, router, expert paths, `Experts`, `SparseMoeBlock`); layer, model, causal LM; losses; loading.
+(MLP, router, expert paths, `Experts`, `SparseMoeBlock`); layer, model, causal LM; task heads;
+losses; loading.
 What the files share is written identically (tests/test_copies.py holds them to it).
 
 What differs from Qwen2 (qwen2.py):
@@ -32,7 +33,8 @@ What differs from Qwen2 (qwen2.py):
 * sliding window: Qwen3-MoE slides on every layer when `use_sliding_window` (max_window_layers is
   unused); dense Qwen3 keeps Qwen2's rule (`layer_types`, else layer i slides iff i >= max_window_layers).
 * most MLPs are mixtures of experts (dense Qwen3: none are); each layer returns its router logits,
-  and with `output_router_logits` the loss adds `router_aux_loss_coef` times a load-balancing loss.
+  and with `output_router_logits` the loss of the causal LM and of every task head adds
+  `router_aux_loss_coef` times a load-balancing loss.
 What differs from Qwen2-MoE (qwen2_moe.py):
 * no shared expert and no shared-expert gate.
 * `norm_topk_prob` is true in Qwen3-30B-A3B / 235B-A22B (false in Qwen1.5-MoE): read from config.json.
@@ -129,6 +131,12 @@ class Qwen3MoeConfig:
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the LM loss
     hidden_act: str = "silu"            # MLP activation (Qwen3 only ever uses SiLU)
     torch_dtype: str | None = None      # dtype the checkpoint was saved in, e.g. "bfloat16"
+    # The task heads (sequence / token classification, question answering):
+    num_labels: int = 2                 # outputs of the classification heads (len(id2label) when given)
+    id2label: dict | None = None        # class index -> label name
+    problem_type: str | None = None     # regression, single_label_classification, multi_label_classification
+    pad_token_id: int | None = None     # padding token: sequence classification reads the last other token
+    classifier_dropout: float | None = None  # token classification's dropout (None: 0.1, as transformers)
     model_type: str = "qwen3_moe"       # "qwen3_moe", or "qwen3" (dense)
 
     def __post_init__(self):
@@ -136,6 +144,9 @@ class Qwen3MoeConfig:
             raise ValueError(f"model_type {self.model_type!r} is not qwen3_moe or qwen3")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.id2label:  # config.json's keys are strings
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -321,8 +332,9 @@ def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
     visible = visible[None, None]                                # (1, 1, T, S)
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :S].bool()   # (B, 1, T, S)
-        # A padding query sees no key; let it see itself so its softmax stays finite (output unused).
-        visible = visible | (k == q)
+        # A query that sees no key at all (left padding) sees itself, so that its softmax stays finite
+        # (its output is never used); every other query keeps exactly the keys above.
+        visible = visible | ((k == q) & ~visible.any(-1, keepdim=True))
     return visible
 
 
@@ -696,6 +708,31 @@ class Qwen3MoeModel(nn.Module):
         return self.norm(x), (tuple(router_logits) if output_router_logits else None)
 
 
+def decoder_outputs(decoder, config, input_ids, attention_mask=None, position_ids=None,
+                    output_router_logits=None, input_pos=None):
+    """Run the decoder stack for any class of this file: (hidden states (B, T, C), router logits,
+    load-balancing loss). The last two are None unless router logits are asked for (None:
+    config.output_router_logits) and some layer is sparse; the loss leaves padding out by
+    attention_mask."""
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    hidden, router_logits = decoder(input_ids, attention_mask, position_ids, input_pos, output_router_logits)
+    if not router_logits:
+        return hidden, None, None
+    token_mask = None                                                            # (B, T) of this forward
+    if attention_mask is not None:
+        token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
+    aux_loss = load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok, token_mask)
+    return hidden, router_logits, aux_loss
+
+
+def with_aux_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """loss + router_aux_loss_coef * the model's load-balancing loss of its last forward, if it has one."""
+    if model.aux_loss is None:
+        return loss
+    return loss + model.config.router_aux_loss_coef * model.aux_loss.to(loss.device)
+
+
 class Qwen3MoeForCausalLM(nn.Module):
     """The decoder stack and the language-model head: token ids -> next-token logits."""
 
@@ -734,24 +771,12 @@ class Qwen3MoeForCausalLM(nn.Module):
           When off (or without sparse layers), both attributes are None. The return value has the
           same form either way.
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, input_pos,
-                                           output_router_logits)                 # (B, T, hidden)
+        hidden, self.router_logits, self.aux_loss = decoder_outputs(
+            self.model, self.config, input_ids, attention_mask, position_ids, output_router_logits, input_pos)
         logits = self.logits(hidden, logits_to_keep)                             # (B, T, vocab)
-        self.router_logits, self.aux_loss = router_logits or None, None
-        if self.router_logits:
-            token_mask = None                                                    # (B, T) of this forward
-            if attention_mask is not None:
-                token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
-            self.aux_loss = load_balancing_loss(self.router_logits, self.config.num_experts,
-                                                self.config.num_experts_per_tok, token_mask)
         if labels is None:
             return logits
-        loss = causal_lm_loss(logits, labels)
-        if self.aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * self.aux_loss.to(loss.device)
-        return logits, loss
+        return logits, with_aux_loss(causal_lm_loss(logits, labels), self)
 
     def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """lm_head over the last `logits_to_keep` positions (0: all): (B, T, hidden) -> (B, T, vocab)."""
@@ -770,6 +795,127 @@ class Qwen3MoeForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Task heads: sequence classification (reward models), token classification, question answering
+# ----------------------------------------------------------------------------------------------
+
+class Qwen3MoeForSequenceClassification(nn.Module):
+    """The decoder stack and `score`: one vector of num_labels logits per sequence, read at its last
+    token that is not padding (reward models: num_labels 1, the reward)."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, as in the causal LM
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_router_logits: bool | None = None):
+        """input_ids (B, T) -> logits (B, num_labels); with `labels`, (logits, loss) by the config's
+        problem_type (see sequence_classification_loss), plus the router's auxiliary loss when router
+        logits are on (output_router_logits as in the causal LM)."""
+        hidden, self.router_logits, self.aux_loss = decoder_outputs(
+            self.model, self.config, input_ids, attention_mask, position_ids, output_router_logits)
+        last = last_token_index(input_ids, self.config.pad_token_id)                # (B,)
+        logits = self.score(hidden[torch.arange(len(last), device=last.device), last])  # (B, num_labels)
+        if labels is None:
+            return logits
+        return logits, with_aux_loss(sequence_classification_loss(logits, labels, self.config), self)
+
+
+class Qwen3MoeForTokenClassification(nn.Module):
+    """The decoder stack, dropout and `score` (with bias): num_labels logits for every token."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.dropout = nn.Dropout(0.1 if config.classifier_dropout is None else config.classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, as in the causal LM
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_router_logits: bool | None = None):
+        """input_ids (B, T) -> logits (B, T, num_labels); with `labels` (B, T), (logits, loss), plus the
+        router's auxiliary loss when router logits are on."""
+        hidden, self.router_logits, self.aux_loss = decoder_outputs(
+            self.model, self.config, input_ids, attention_mask, position_ids, output_router_logits)
+        logits = self.score(self.dropout(hidden))                                    # (B, T, num_labels)
+        if labels is None:
+            return logits
+        return logits, with_aux_loss(token_classification_loss(logits, labels), self)
+
+
+class Qwen3MoeForQuestionAnswering(nn.Module):
+    """The decoder stack and `qa_outputs`: for every token, the logit that the answer starts there and
+    the logit that it ends there. The decoder stack is named `transformer` here, as in transformers'
+    checkpoints of this class."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Qwen3MoeModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, as in the causal LM
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, output_router_logits: bool | None = None):
+        """input_ids (B, T) -> (start_logits, end_logits), (B, T) each; with start_positions and
+        end_positions (B,), (start_logits, end_logits, loss), plus the router's auxiliary loss when
+        router logits are on."""
+        hidden, self.router_logits, self.aux_loss = decoder_outputs(
+            self.transformer, self.config, input_ids, attention_mask, position_ids, output_router_logits)
+        start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)               # (B, T) each
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return start_logits, end_logits, with_aux_loss(loss, self)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) the position of each row's last token that is not padding, as transformers' sequence
+    classification pools: the rightmost token other than pad_token_id (left or right padding alike;
+    0 for a row of padding only). Without a pad token only a batch of one row is allowed."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError(f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
+                             f"set it (the tokenizer's padding token) or pass one row at a time")
+        return torch.full((1,), T - 1, device=input_ids.device)
+    positions = torch.arange(T, device=input_ids.device)                     # (T,)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)              # (B,)
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor,
+          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Text embeddings as Qwen3's embedding models compute them: the final hidden state of each row's
+    last real token, L2-normalised. (B, T) token ids -> (B, hidden_size).
+
+    model: the decoder stack or any class of this file that holds one. attention_mask (B, T): 1 for
+    real tokens, 0 for padding (left or right). The embedding models' convention: each text ends
+    with <|endoftext|> (their tokenizer appends it; with this project's Tokenizer, append
+    token_id("<|endoftext|>") yourself), and a query is written "Instruct: {task}\\nQuery:{query}"
+    while the documents it is compared with are embedded as they are.
+    """
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    hidden = decoder(input_ids, attention_mask)
+    if isinstance(hidden, tuple):  # the MoE files' decoder stack also returns router logits
+        hidden = hidden[0]                                                   # (B, T, C)
+    last = torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)
+    if attention_mask is not None:  # the rightmost real token of each row
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * attention_mask.to(positions.device)).argmax(-1)   # (B,)
+    pooled = hidden[torch.arange(len(last), device=last.device), last]         # (B, C)
+    return F.normalize(pooled.float(), dim=-1).to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
 
@@ -778,6 +924,65 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]                   # (B, T)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=-100)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """transformers' loss for sequence classification, by config.problem_type: "regression" (mean
+    squared error), "single_label_classification" (cross-entropy over num_labels, -100 ignored) or
+    "multi_label_classification" (binary cross-entropy with logits per label). When the config
+    names none, it is chosen from num_labels and the labels' dtype and written into the config, as
+    transformers does, so later calls keep it. logits: (B, num_labels)."""
+    B, num_labels = logits.shape
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    wanted = {"regression": [(B,), (B, num_labels)], "single_label_classification": [(B,)],
+              "multi_label_classification": [(B, num_labels)]}.get(config.problem_type)
+    if wanted is None:
+        raise ValueError(f"unknown problem_type {config.problem_type!r} (regression, "
+                         f"single_label_classification or multi_label_classification)")
+    if tuple(labels.shape) not in wanted:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; {config.problem_type} with {B} rows and "
+                         f"{num_labels} labels expects {' or '.join(map(str, wanted))}")
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every token in float32, labels of -100 ignored. logits (B, T, num_labels),
+    labels (B, T)."""
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; token classification expects one label "
+                         f"per token, {tuple(logits.shape[:2])}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
+def question_answering_loss(start_logits: torch.Tensor, end_logits: torch.Tensor,
+                            start_positions: torch.Tensor, end_positions: torch.Tensor) -> torch.Tensor:
+    """The mean of the start and the end cross-entropies, as transformers computes it: positions (B,)
+    (or (B, 1)) are clamped to [0, T], and T (an answer outside the text) is ignored."""
+    B, T = start_logits.shape
+    positions = []
+    for name, p in (("start_positions", start_positions), ("end_positions", end_positions)):
+        p = p.squeeze(-1) if p.dim() > 1 else p
+        if tuple(p.shape) != (B,):
+            raise ValueError(f"{name} have shape {tuple(p.shape)}; question answering expects one position "
+                             f"per row, ({B},)")
+        positions.append(p.to(start_logits.device).clamp(0, T))
+    start_loss = F.cross_entropy(start_logits, positions[0], ignore_index=T)
+    end_loss = F.cross_entropy(end_logits, positions[1], ignore_index=T)
+    return (start_loss + end_loss) / 2
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
@@ -871,19 +1076,34 @@ def open_safetensors(file: str):
         raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
 
 
+HEADS = ("lm_head", "score", "qa_outputs")  # the modules of the task heads, beside the decoder stack
+
+
+def parameter_for(name: str, backbone: str) -> str:
+    """The model's name for a checkpoint tensor. The decoder stack's tensors go under the model's own
+    prefix `backbone`: "model." (the causal LM and most heads), "transformer." (question answering),
+    or none (the bare decoder stack, as embedding models are saved); the heads' tensors (lm_head,
+    score, qa_outputs) keep their names."""
+    first, _, rest = name.partition(".")
+    if first in ("model", "transformer"):
+        name, first = rest, rest.partition(".")[0]
+    return name if first in HEADS else backbone + name
+
+
 # One expert's projection as hub checkpoints (and transformers 5's save_pretrained) store it; the
 # loader stacks these into mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I).
-EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+EXPERT_KEY = re.compile(r"^((?:model\.|transformer\.)?layers\.\d+\.mlp\.experts)"
+                        r"\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-def check_expert_counts(expected: dict, files: list[str]):
+def check_expert_counts(expected: dict, files: list[str], backbone: str):
     """Before any tensor is read: only sparse layers have per-expert tensors, and each layer's
     number config.num_experts."""
     last = {}  # "model.layers.L.mlp.experts" -> (highest expert index, its tensor name)
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
-                m = EXPERT_KEY.match(name)
+                m = EXPERT_KEY.match(parameter_for(name, backbone))
                 if not m:
                     continue
                 if m[1] + ".gate_up_proj" not in expected:
@@ -898,56 +1118,60 @@ def check_expert_counts(expected: dict, files: list[str]):
                              f"{(e + 1, *want[1:])}, the config expects {want} (num_experts={want[0]})")
 
 
-def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name: False):
+def load_weights(model: nn.Module, folder: str, device, dtype, hint: str = ""):
     """Stream every tensor from the safetensors files into `model` (built on the meta device):
-    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists.
+    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists. A head
+    the model does not have (lm_head when it is tied or when loading a classifier, ...) is skipped;
+    `hint` ends the message when a tensor is missing.
 
     Per-expert tensors `...mlp.experts.E.{gate,up,down}_proj.weight` (the hub layout) are copied
     into their slice of the stacked parameter, allocated once on `device`; fused files that
     already hold `...mlp.experts.gate_up_proj` / `down_proj` load as they are.
     """
     expected = dict(model.named_parameters())
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in expected)
     files = safetensors_files(folder)
-    check_expert_counts(expected, files)
-    seen, stacked = set(), set()  # tensor names read; stacked parameters built from per-expert pieces
+    check_expert_counts(expected, files, backbone)
+    seen, stacked = set(), set()  # parameters (and expert pieces) read; stacked ones built from pieces
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
-                m = EXPERT_KEY.match(name)
+                target = parameter_for(name, backbone)
+                m = EXPERT_KEY.match(target)
                 if m:  # one expert's projection: copy it into its slice of the stacked parameter
                     prefix, e, part = m[1], int(m[2]), m[3]
-                    target = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-                    shape = expected[target].shape                          # (E, 2I, C) or (E, C, I)
+                    stack = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+                    shape = expected[stack].shape                           # (E, 2I, C) or (E, C, I)
                     I = expected[f"{prefix}.down_proj"].shape[2]
                     want = tuple(shape[1:]) if part == "down" else (I, shape[2])
                     tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != want:
                         raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
                                          f"{want}")
-                    if target in seen:
-                        raise ValueError(f"tensor {name} repeats an expert of {target}, also in the "
+                    if stack in seen:
+                        raise ValueError(f"tensor {name} repeats an expert of {stack}, also in the "
                                          f"checkpoint")
-                    if target not in stacked:                               # the first piece: allocate
-                        set_parameter(model, target, torch.empty(shape, device=device, dtype=dtype))
-                        stacked.add(target)
+                    if stack not in stacked:                                # the first piece: allocate
+                        set_parameter(model, stack, torch.empty(shape, device=device, dtype=dtype))
+                        stacked.add(stack)
                     rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[part]
-                    model.get_parameter(target)[e, rows].copy_(tensor)
-                    seen.add(name)
+                    model.get_parameter(stack)[e, rows].copy_(tensor)
+                    seen.add(target)
                     continue
-                if name not in expected:
-                    if skip(name) or name.endswith("rotary_emb.inv_freq"):
+                if target not in expected:
+                    if target.partition(".")[0] in HEADS or name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
                                      f"does not match its config.json")
-                if name in stacked:
+                if target in stacked:
                     raise ValueError(f"tensor {name} repeats experts already read one by one in the "
                                      f"checkpoint")
                 tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
+                if tuple(tensor.shape) != tuple(expected[target].shape):
                     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
-                                     f"{tuple(expected[name].shape)}")
-                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
-                seen.add(name)
+                                     f"{tuple(expected[target].shape)}")
+                set_parameter(model, target, tensor.to(device=device, dtype=dtype))
+                seen.add(target)
     needed = []  # the tensors the checkpoint must hold: a stacked parameter, or else each of its pieces
     for name, p in expected.items():
         if name in seen or not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
@@ -961,7 +1185,7 @@ def load_weights(model: nn.Module, folder: str, device, dtype, skip=lambda name:
         raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                          (f"; the config has {expected[expert[1] + '.down_proj'].shape[0]} experts per layer"
-                          if expert else ""))
+                          if expert else "") + hint)
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -970,10 +1194,28 @@ def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCausalLM:
+ARCHITECTURES = {  # config.json's `architectures` -> the class this file builds for it (the first: default)
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3MoeForSequenceClassification": Qwen3MoeForSequenceClassification,
+    "Qwen3MoeForTokenClassification": Qwen3MoeForTokenClassification,
+    "Qwen3MoeForQuestionAnswering": Qwen3MoeForQuestionAnswering,
+    "Qwen3MoeModel": Qwen3MoeModel,
+    # dense Qwen3 (model_type "qwen3"): the same classes with every layer dense
+    "Qwen3ForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3ForSequenceClassification": Qwen3MoeForSequenceClassification,
+    "Qwen3ForTokenClassification": Qwen3MoeForTokenClassification,
+    "Qwen3ForQuestionAnswering": Qwen3MoeForQuestionAnswering,
+    "Qwen3Model": Qwen3MoeModel,
+}
+
+
+def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: str | None = None) -> nn.Module:
     """Load a Qwen3-MoE / Qwen3 checkpoint: a local folder or a hub id such as
     "Qwen/Qwen3-30B-A3B".
 
+    architecture: the class to build, by its transformers name (a key of ARCHITECTURES); default the
+    one config.json's `architectures` names (the causal LM when it names none). The decoder stack
+    alone ("Qwen3MoeModel") loads from a checkpoint of any of them, for embeddings.
     dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
     device: default "cpu". Parameters load with requires_grad=False; call
     `model.requires_grad_(True)` to train.
@@ -983,6 +1225,11 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCa
     if raw.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
                          f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
+    saved = (raw.get("architectures") or [None])[0]
+    architecture = architecture or saved or next(iter(ARCHITECTURES))
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{name_or_path} is a {architecture}, which {os.path.basename(__file__)} does not "
+                         f"build (it builds {', '.join(ARCHITECTURES)}; choose one with architecture=)")
     config = Qwen3MoeConfig.from_dict(raw)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -991,10 +1238,11 @@ def from_pretrained(name_or_path: str, device=None, dtype=None) -> Qwen3MoeForCa
     dtype = dtype or DTYPES.get(config.torch_dtype or "", torch.float32)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(config)
-    tied = config.tie_word_embeddings  # the checkpoint then has no lm_head.weight (ignored if present)
-    load_weights(model, folder, device, dtype, skip=lambda name: tied and name == "lm_head.weight")
-    if tied:
+        model = ARCHITECTURES[architecture](config)
+    hint = "" if saved in (None, architecture) else f"; {name_or_path} holds a {saved}, not a {architecture}"
+    load_weights(model, folder, device, dtype, hint)
+    if config.tie_word_embeddings and hasattr(model, "lm_head"):  # the checkpoint has no lm_head.weight
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    decoder.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)  # a buffer, not a weight
     return model.eval()

@@ -146,3 +146,28 @@ def tiny_chat_checkpoint(tmp_path):
     with open(folder / "generation_config.json", "w") as f:
         json.dump({"eos_token_id": [2, 0], "do_sample": False}, f)
     return str(folder)
+
+
+def tiny_qwen3_folder(tmp_path, name, model_class, **overrides):
+    """A tiny random dense Qwen3 checkpoint of `model_class` (a transformers class name) with a tiny
+    tokenizer, whose <|endoftext|> (id 0) is the padding token."""
+    import transformers
+    folder = tmp_path / name
+    folder.mkdir()
+    vocab = write_tiny_tokenizer(str(folder))
+    save_tiny(folder, transformers.Qwen3Config, getattr(transformers, model_class), vocab_size=vocab,
+              hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=200, pad_token_id=0, **overrides)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_reward_checkpoint(tmp_path):
+    """A tiny random reward model: Qwen3ForSequenceClassification with one label."""
+    return tiny_qwen3_folder(tmp_path, "tiny-reward", "Qwen3ForSequenceClassification", num_labels=1)
+
+
+@pytest.fixture
+def tiny_embedding_checkpoint(tmp_path):
+    """A tiny random embedding model: the bare Qwen3 decoder stack (Qwen3Model), as they are saved."""
+    return tiny_qwen3_folder(tmp_path, "tiny-embedding", "Qwen3Model")

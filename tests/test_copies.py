@@ -25,18 +25,21 @@ ALL = ("qwen2.py", "qwen2_moe.py", "qwen3_moe.py")
 MOE = ("qwen2_moe.py", "qwen3_moe.py")
 
 # What each file calls the things the copies mention; replaced by the placeholder before comparing.
+CLASSES = {"Config": "{Config}", "Model": "{Model}", "ForCausalLM": "{LM}",
+           "ForSequenceClassification": "{SeqCls}", "ForTokenClassification": "{TokCls}",
+           "ForQuestionAnswering": "{QA}"}
 NAMES = {
-    "qwen2.py": {"Qwen2Config": "{Config}", "Qwen2Model": "{Model}", "Qwen2ForCausalLM": "{LM}",
+    "qwen2.py": {**{"Qwen2" + k: v for k, v in CLASSES.items()},
                  "Qwen2 / Qwen2.5": "{family}", "Qwen/Qwen2.5-0.5B-Instruct": "{hub_id}"},
-    "qwen2_moe.py": {"Qwen2MoeConfig": "{Config}", "Qwen2MoeModel": "{Model}", "Qwen2MoeForCausalLM": "{LM}",
+    "qwen2_moe.py": {**{"Qwen2Moe" + k: v for k, v in CLASSES.items()},
                      "Qwen1.5-MoE / Qwen2-MoE": "{family}", "Qwen/Qwen1.5-MoE-A2.7B-Chat": "{hub_id}"},
-    "qwen3_moe.py": {"Qwen3MoeConfig": "{Config}", "Qwen3MoeModel": "{Model}", "Qwen3MoeForCausalLM": "{LM}",
+    "qwen3_moe.py": {**{"Qwen3Moe" + k: v for k, v in CLASSES.items()},
                      "Qwen3-MoE / Qwen3": "{family}", "Qwen/Qwen3-30B-A3B": "{hub_id}"},
     "tokenizer.py": {"Qwen/Qwen2.5-0.5B-Instruct": "{hub_id}"},
 }
 
 # (symbol, files that hold it identically), in the order of the files' sections. A symbol is a
-# top-level name or "Class.method"; {Config}, {Model} and {LM} stand for each file's class names.
+# top-level name or "Class.method"; {Config}, {Model}, {LM}, ... stand for each file's class names.
 COPIES = [
     # the optional Triton kernels
     ("use_triton", ALL),
@@ -72,6 +75,8 @@ COPIES = [
     ("{Model}.set_kernels", ALL),
     ("{Model}.make_step", ALL),
     ("{Model}.forward", MOE),
+    ("decoder_outputs", MOE),
+    ("with_aux_loss", MOE),
     ("{LM}.__init__", MOE),
     ("{LM}.setup_cache", ALL),
     ("{LM}.clear_cache", ALL),
@@ -80,8 +85,16 @@ COPIES = [
     ("{LM}.logits", ALL),
     ("{LM}.device", ALL),
     ("{LM}.dtype", ALL),
+    # task heads
+    ("{SeqCls}", MOE),
+    ("{TokCls}", MOE),
+    ("last_token_index", ALL),
+    ("embed", ALL),
     # losses
     ("causal_lm_loss", ALL),
+    ("sequence_classification_loss", ALL),
+    ("token_classification_loss", ALL),
+    ("question_answering_loss", ALL),
     ("load_balancing_loss", MOE),
     # loading
     ("DTYPES", ALL),
@@ -89,6 +102,8 @@ COPIES = [
     ("load_config", ALL),
     ("safetensors_files", ALL),
     ("open_safetensors", ALL),
+    ("HEADS", ALL),
+    ("parameter_for", ALL),
     ("EXPERT_KEY", MOE),
     ("check_expert_counts", MOE),
     ("load_weights", MOE),
@@ -107,17 +122,24 @@ OWN = {
     "{Model}": "the class docstring; forward in qwen2.py returns no router logits",
     "{LM}": "the class docstring; qwen2.py has no router logits or aux loss",
     "MODEL_TYPES": "the model_type values the file loads",
+    "ARCHITECTURES": "the classes each file builds, by their transformers names",
+    "{SeqCls}": "qwen2.py: no router logits or aux loss",
+    "{TokCls}": "qwen2.py: no router logits or aux loss",
+    "{QA}": "the decoder stack's name (transformers: `model` in Qwen2-MoE's, `transformer` elsewhere); "
+            "qwen2.py: no router logits or aux loss",
     "load_weights": "qwen2.py: no per-expert tensors to stack",
 }
 
 SECTIONS = ["Configuration", "RMSNorm and rotary position embeddings", "Attention", "Feed-forward",
-            "Layer, model, causal LM", "Losses", "Loading a checkpoint"]
+            "Layer, model, causal LM",
+            "Task heads: sequence classification (reward models), token classification, question answering",
+            "Losses", "Loading a checkpoint"]
 
 
 def symbol_in(file: str, symbol: str) -> str:
     """`symbol` ("{LM}.forward", ...) with file's own class names."""
     for name, placeholder in NAMES.get(file, {}).items():
-        if placeholder in ("{Config}", "{Model}", "{LM}"):
+        if placeholder in CLASSES.values():
             symbol = symbol.replace(placeholder, name)
     return symbol
 

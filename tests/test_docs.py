@@ -3,7 +3,8 @@ the pages' Python blocks run, the exercise checkers tell right from wrong, the s
 
 Conventions of the pages (docs/about.md): every ```python block runs, page by page in one namespace,
 from the repository root; `<!-- docs-test: skip -->` on the line before a block skips it;
-`<!-- docs-test: tiny-checkpoint -->` runs it with the hub ids ("Qwen/...") replaced by a tiny checkpoint.
+`<!-- docs-test: tiny-checkpoint -->` runs it with the hub ids ("Qwen/...") replaced by a tiny checkpoint
+(a reward or an embedding model when the id names one).
 """
 import ast
 import contextlib
@@ -27,7 +28,9 @@ DOCS = os.path.join(ROOT, "docs")
 PAGES = sorted(os.path.relpath(p, DOCS) for p in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))
 MARKER = re.compile(r"^<!--\s*docs-test:\s*([\w-]+)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w-]*)")
-HUB_ID = re.compile(r"""(["'])Qwen/[\w.-]+\1""")
+HUB_ID = re.compile(r"""(["'])(?:Qwen|Skywork)/[\w.-]+\1""")
+# tiny-checkpoint blocks: a hub id naming one of these stands for that tiny checkpoint (conftest's fixtures)
+TINY_FIXTURES = {"Reward": "tiny_reward_checkpoint", "Embedding": "tiny_embedding_checkpoint"}
 
 
 @pytest.fixture(autouse=True)
@@ -259,9 +262,11 @@ def test_python_blocks_run(page, request, monkeypatch):
             continue
         assert directive in (None, "tiny-checkpoint"), f"{page}:{line}: unknown directive {directive!r}"
         if directive == "tiny-checkpoint":
-            folder = request.getfixturevalue("tiny_chat_checkpoint")
-            code = HUB_ID.sub(lambda m: repr(folder), code)
-            assert "Qwen/" not in code, f"{page}:{line}: a hub id left in a tiny-checkpoint block"
+            def tiny(m):
+                kind = next((k for k in TINY_FIXTURES if k in m.group(0)), None)
+                return repr(request.getfixturevalue(TINY_FIXTURES.get(kind, "tiny_chat_checkpoint")))
+            code = HUB_ID.sub(tiny, code)
+            assert not HUB_ID.search(code), f"{page}:{line}: a hub id left in a tiny-checkpoint block"
         else:
             assert not HUB_ID.search(code), \
                 f"{page}:{line}: mark blocks that load a hub id (docs-test comments)"
