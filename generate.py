@@ -340,6 +340,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cpu, else the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (quantize.py)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4's group size")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="attention/MoE implementation (auto: Triton on CUDA when available)")
     think = p.add_mutually_exclusive_group()
@@ -451,6 +453,9 @@ def run(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype)
     model.set_kernels(args.kernels)
+    if args.quantize:
+        import quantize
+        quantize.quantize(model, args.quantize, group_size=args.group_size)
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template
     stop_ids = set(defaults["eos_token_ids"])

@@ -770,11 +770,11 @@ class Qwen2MoeForCausalLM(nn.Module):
 
     @property
     def device(self):
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
-    def dtype(self):
-        return self.lm_head.weight.dtype
+    def dtype(self):  # (the embedding's: lm_head may be quantized, see quantize.py)
+        return self.model.embed_tokens.weight.dtype
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""Weight-only int8 and int4 quantization for the three model files, applied from outside.
+
+    import quantize
+    model = quantize.quantize(model, "int8")                 # or "int4", group_size=32
+
+`quantize` rewrites a loaded model in place, finding the layers by their Hugging Face names, so the
+model files keep their math: every linear layer of attention (q/k/v/o_proj) and of the MLPs
+(gate/up/down_proj, the shared expert's included) becomes an Int8Linear or Int4Linear, and the
+stacked experts of the MoE layers (mlp.experts.gate_up_proj (E, 2I, C) and down_proj (E, C, I))
+become QuantizedStack objects that the model files' expert paths index like the tensors they
+replace. What stays in the activation dtype: the embeddings, the norms, the router (mlp.gate) and
+the shared-expert gate (tiny, and the routing decision is sensitive). lm_head: see LM_HEAD below.
+
+The arithmetic. A weight matrix W (N outputs, K inputs) is stored as small integers q and a scale:
+
+  int8, symmetric per output channel:
+      s[n] = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / s[n]) in [-127, 127]
+      W[n, k] ~ q[n, k] * s[n]
+  int4, asymmetric per group of G consecutive inputs (tinygemm's convention, so torch's kernels
+  take it as it is):
+      for the group g of row n: lo = min W, hi = max W over its G weights,
+      s[n, g] = (hi - lo) / 15,   q[n, k] = round((W[n, k] - lo) / s[n, g]) in [0, 15]
+      W[n, k] ~ (q[n, k] - 8) * s[n, g] + z[n, g],   with z[n, g] = lo + 8 * s[n, g]
+Scales (and zero points) are kept in the activation dtype. Error: at most half a step, s / 2, per
+weight; int4's step is about 17 times int8's for the same spread, hence the groups.
+
+Each layer has a plain reference (dequantize the whole matrix, then F.linear) that always works,
+and fast paths beside it, tested equal to it: on CPU torch's packed kernels (_weight_int8pack_mm,
+_weight_int4pack_mm_for_cpu); elsewhere int8 multiplies by the int8 matrix cast to the activation
+dtype and scales the output (x @ q^T * s = x @ (q * s)^T), which torch.compile fuses; int4 off the
+CPU dequantizes (no fused CUDA int4 path yet).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32  # measured: see docs/quantization.md (accuracy against memory)
+# lm_head: int8 in both schemes. An int4 lm_head moved perplexity by far more than the rest of the
+# model together on the real 0.5B checkpoint, and the head is the largest single matrix of the
+# small models, so int8 keeps most of the saving (docs/quantization.md has the numbers).
+LM_HEAD = "int8"
+# Up to this many rows (decode steps, small batches) the CPU int8 kernel; from here on (prefill) the
+# bf16 matmul on the int8 matrix cast once per call, measured 1.7x faster for a 128-token prompt.
+PACKED_ROWS = 16
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic: quantize and dequantize one matrix (or a stack of them: leading dimensions pass)
+# ----------------------------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (..., N, K) -> (q int8 (..., N, K), s (..., N) in `dtype`): symmetric, per output channel.
+    q is rounded against the scale as stored (in `dtype`), so that its rounding adds no error."""
+    w = w.float()
+    s = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12).to(dtype)               # (..., N)
+    q = torch.round(w / s.float()[..., None]).clamp(-127, 127).to(torch.int8)  # (..., N, K)
+    return q, s
+
+
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * s.float()[..., None]).to(dtype)                         # (..., N, K)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (..., N, K) -> (q uint8 in [0, 15] (..., N, K), s and z (..., N, K/G) in `dtype`); q is
+    rounded against s and z as stored."""
+    *lead, N, K = w.shape
+    groups = w.float().reshape(*lead, N, K // group_size, group_size)          # (..., N, K/G, G)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)                          # (..., N, K/G)
+    s = ((hi - lo) / 15).clamp(min=1e-12).to(dtype)
+    z = (lo + 8 * s.float()).to(dtype)
+    q = torch.round((groups - z.float()[..., None]) / s.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.uint8).reshape(*lead, N, K), s, z
+
+
+def dequantize_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    *lead, N, K = q.shape
+    G = K // s.shape[-1]
+    groups = q.float().reshape(*lead, N, K // G, G)                             # (..., N, K/G, G)
+    w = (groups - 8) * s.float()[..., None] + z.float()[..., None]
+    return w.reshape(*lead, N, K).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in [0, 15] -> (N, K/2) uint8 in the layout of torch's CPU int4 kernel
+    (_convert_weight_to_int4pack_for_cpu): blocks of 64 output rows; in each, for input k, the byte
+    at row k // 2, column (k % 2) * 32 + j holds row j in its low nibble and row 32 + j in its high
+    one. Needs N % 64 == 0 (tests/test_quantize.py checks it against torch's own packing)."""
+    N, K = q.shape
+    q = q.to(torch.uint8).view(N // 64, 2, 32, K // 2, 2)                     # (block, half, j, k//2, k%2)
+    return (q[:, 0] | (q[:, 1] << 4)).permute(0, 2, 3, 1).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (N, K/2) uint8 -> q (N, K) in [0, 15]."""
+    N, half = packed.shape
+    b = packed.view(N // 64, half, 2, 32).permute(0, 3, 1, 2)                  # (block, j, k // 2, k % 2)
+    return torch.stack((b & 15, b >> 4), dim=1).reshape(N, 2 * half)           # (block, half, j, ...)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized linear layers: a reference and the fast paths beside it
+# ----------------------------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * s)^T + bias, with q int8 (N, K) and s (N,) per output channel."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        q, s = quantize_int8(linear.weight.detach(), dtype)
+        self.register_buffer("qweight", q)                                      # (N, K) int8
+        self.register_buffer("scales", s)                                       # (N,)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype),
+                                                                  requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int8(self.qweight, self.scales, x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype and len(rows) < PACKED_ROWS:
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)      # (M, N)
+        else:  # any device: the int8 matrix in the activation dtype, the scale on the output
+            y = F.linear(rows, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ ((q - 8) * s + z)^T + bias, per group of group_size inputs; q packed two per byte."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, group_size: int):
+        super().__init__()
+        N, K = linear.weight.shape
+        q, s, z = quantize_int4(linear.weight.detach(), group_size, dtype)
+        self.register_buffer("qweight", pack_int4(q))                           # (N, K/2) uint8
+        self.register_buffer("scales", s)                                       # (N, K/G)
+        self.register_buffer("zeros", z)                                        # (N, K/G)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype),
+                                                                  requires_grad=False)
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != self.scales.dtype:
+            return self.reference(x)
+        rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
+        scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1)  # (K/G, N, 2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size,
+                                                         scales_and_zeros.contiguous())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+class QuantizedStack(nn.Module):
+    """The stacked weights of E experts, quantized per expert (and per output channel or group),
+    standing in for the (E, N, K) tensor: indexing it (`w[e]`, or `w[ids]` with a tensor of expert
+    ids) dequantizes only those experts, so the model files' expert paths run unchanged and read
+    only the experts that received tokens. Its dtype is the storage's (int8 / uint8), so the fused
+    Triton MoE kernel, which needs the activation dtype, declines it."""
+
+    def __init__(self, weight: torch.Tensor, scheme: str, dtype: torch.dtype, group_size: int):
+        super().__init__()
+        self.scheme, self.out_dtype, self.shape = scheme, dtype, tuple(weight.shape)
+        if scheme == "int8":
+            q, s = quantize_int8(weight.detach(), dtype)                         # (E, N, K), (E, N)
+            z = torch.empty(0, dtype=dtype)
+        else:
+            q, s, z = quantize_int4(weight.detach(), group_size, dtype)          # (E, N, K), (E, N, K/G)
+            q = (q[..., 0::2] | (q[..., 1::2] << 4))                             # two per byte: (E, N, K/2)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", s)
+        self.register_buffer("zeros", z)
+
+    @property
+    def dtype(self):
+        return self.qweight.dtype
+
+    @property
+    def device(self):
+        return self.qweight.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        q, s = self.qweight[index], self.scales[index]
+        if self.scheme == "int8":
+            return dequantize_int8(q, s, self.out_dtype)
+        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)                  # (..., N, K) 0..15
+        return dequantize_int4(q, s, self.zeros[index], self.out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewriting a model
+# ----------------------------------------------------------------------------------------------
+
+def check_scheme(scheme: str, group_size: int):
+    """One clear line for a scheme or group size this file does not have."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r} (use {' or '.join(SCHEMES)})")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype, group_size: int) -> nn.Module:
+    """The quantized replacement of one linear layer. int4 needs K % group_size == 0 and, for the CPU
+    kernel's layout, N % 64 == 0; a layer that is not such keeps int8 (stated in quantize's report)."""
+    N, K = linear.weight.shape
+    if scheme == "int4" and K % group_size == 0 and N % 64 == 0:
+        return Int4Linear(linear, dtype, group_size)
+    return Int8Linear(linear, dtype)
+
+
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+             lm_head: str | None = LM_HEAD) -> nn.Module:
+    """Quantize `model` (any class of the three model files) in place and return it.
+
+    scheme: "int8" or "int4" for the layers named in the module docstring; group_size: int4's group.
+    lm_head: "int8", "int4", or None to keep it in the activation dtype. A tied lm_head (the small
+    Qwen2.5 and Qwen3 models) becomes a quantized copy of the embedding, which itself stays as it is.
+    """
+    check_scheme(scheme, group_size)
+    if lm_head not in (None, *SCHEMES):
+        raise ValueError(f"lm_head must be None, int8 or int4, not {lm_head!r}")
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in LINEAR_NAMES:
+                setattr(module, child_name, quantized_linear(child, scheme, dtype, group_size))
+            elif child_name == "lm_head" and isinstance(child, nn.Linear) and lm_head is not None:
+                setattr(module, child_name, quantized_linear(child, lm_head, dtype, group_size))
+        if name.endswith("mlp.experts") and hasattr(module, "gate_up_proj"):
+            for stack in ("gate_up_proj", "down_proj"):
+                weight = module._parameters.pop(stack)                      # (E, N, K)
+                setattr(module, stack, QuantizedStack(weight, scheme, dtype, group_size))
+    model.quantization = {"scheme": scheme, "group_size": group_size, "lm_head": lm_head}
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer that holds weights (the KV cache and RoPE tables aside)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("inv_freq") or ".cache." in name:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring the damage: perplexity, agreement of the greedy token, KL divergence
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compare(reference: nn.Module, quantized: nn.Module, ids: list[int], window: int = 512) -> dict:
+    """Both causal LMs on the same text, in windows of `window` tokens: the perplexity of each, the
+    share of positions where their greedy next tokens agree, and the mean KL divergence
+    KL(reference || quantized) of the next-token distributions."""
+    nll_ref = nll_q = agree = kl = count = 0.0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window + 1]])
+        if chunk.shape[1] < 2:
+            break
+        x, target = chunk[:, :-1], chunk[0, 1:]
+        logp_ref = reference(x)[0].float().log_softmax(-1)                      # (T, vocab)
+        logp_q = quantized(x)[0].float().log_softmax(-1)
+        nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
+        nll_q -= logp_q.gather(-1, target[:, None]).sum().item()
+        agree += (logp_ref.argmax(-1) == logp_q.argmax(-1)).sum().item()
+        kl += (logp_ref.exp() * (logp_ref - logp_q)).sum().item()
+        count += len(target)
+    return {"tokens": int(count), "ppl_reference": float(torch.tensor(nll_ref / count).exp()),
+            "ppl_quantized": float(torch.tensor(nll_q / count).exp()), "greedy_agreement": agree / count,
+            "kl": kl / count}
