@@ -152,19 +152,22 @@ def copy_bandwidth(device, megabytes: int = 512) -> float:
 
 
 def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
-    """Bytes read from memory for one decode step: weights (embedding table excluded unless tied,
-    MoE experts: only the active ones) plus the KV cache of `context` tokens.
+    """Bytes read from memory for one decode step: weights, in their stored size (quantized ones as
+    int8 / int4 plus their scales), the embedding table excluded unless lm_head reads it (tied), MoE
+    experts: only the active ones; plus the KV cache of `context` tokens.
 
     Active experts: K at batch 1; for a batch, the expected number of distinct experts when each
     row picks K of E at random, E * (1 - (1 - K/E) ** batch_size)."""
     config = model.config
+    embedding = model.model.embed_tokens.weight
+    head_reads_embedding = getattr(model.lm_head, "weight", None) is embedding
     seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in seen or name.endswith("inv_freq") or ".cache." in name or not p.numel():
             continue
         seen.add(id(p))
         nbytes = p.numel() * p.element_size()
-        if name == "model.embed_tokens.weight" and not getattr(config, "tie_word_embeddings", False):
+        if p is embedding and not head_reads_embedding:
             nbytes = p.shape[1] * p.element_size() * batch_size  # one row per token
         elif ".mlp.experts." in name:
             experts, k = p.shape[0], config.num_experts_per_tok
@@ -517,6 +520,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on cuda)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (quantize.py)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4's group size")
     p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
                    help="reference: the spelled-out attention and expert loop")
     p.add_argument("--compare", choices=["transformers"],
@@ -547,6 +552,12 @@ def main(argv=None):
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         preset, name = PRESETS[args.preset], args.preset
         model = random_model(preset, device, dtype)
+    if args.quantize:
+        import quantize
+        if args.compare:
+            raise SystemExit("--compare runs transformers on the same weights: not with --quantize")
+        quantize.quantize(model, args.quantize, group_size=args.group_size)
+        name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
                                            args.kernels, bool(args.compare))]

@@ -39,6 +39,19 @@ def test_decode_bytes_per_token_known_case():
     assert bench.decode_bytes_per_token(untied) == 4 * (weights + H)
 
 
+def test_decode_bytes_per_token_counts_quantized_weights():
+    """int8: one byte per weight plus a scale per output channel; the tied lm_head becomes an int8
+    copy, so the float embedding is read one row per token."""
+    import quantize
+    model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    quantize.quantize(model, "int8")
+    V, H, I, L, KVH, D = 256, 64, 128, 2, 2, 16
+    linears = [(H, H), (KVH * D, H), (KVH * D, H), (H, H), (I, H), (I, H), (H, I)]  # (N, K) of each layer
+    per_layer = sum(N * K + 4 * N for N, K in linears) + 4 * (H + 2 * KVH * D) + 4 * 2 * H  # biases, norms
+    weights = L * per_layer + 4 * H + (V * H + 4 * V) + 4 * H  # + final norm + int8 lm_head + one row
+    assert bench.decode_bytes_per_token(model) == weights
+
+
 def test_decode_bytes_per_token_counts_active_experts():
     """MoE: K of E experts at batch 1; at batch b the expected distinct experts E (1 - (1 - K/E)^b)."""
     preset = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
