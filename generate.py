@@ -79,7 +79,11 @@ def load(name_or_path: str, device=None, dtype=None):
     if not architecture.endswith("ForCausalLM") and architecture != "a causal LM":
         raise UsageError(f"{name_or_path} is a {architecture} checkpoint: generate.py needs a causal LM "
                          f"(...ForCausalLM); load it with {module.__name__}.from_pretrained instead")
-    model = module.from_pretrained(folder, device=device, dtype=dtype)
+    if config.get("quantization"):  # written by quantize.save
+        import quantize
+        model = quantize.load(folder, device=device, dtype=dtype)
+    else:
+        model = module.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(folder)
     return model, tokenizer, generation_defaults(folder)
 
@@ -455,6 +459,9 @@ def run(args) -> int:
     model.set_kernels(args.kernels)
     if args.quantize:
         import quantize
+        if getattr(model, "quantization", None):
+            raise UsageError(f"{args.model} is already quantized ({model.quantization['scheme']}); "
+                             f"drop --quantize")
         quantize.quantize(model, args.quantize, group_size=args.group_size)
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template

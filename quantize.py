@@ -32,6 +32,10 @@ CPU dequantizes (no fused CUDA int4 path yet).
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -248,6 +252,87 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_G
                 setattr(module, stack, QuantizedStack(weight, scheme, dtype, group_size))
     model.quantization = {"scheme": scheme, "group_size": group_size, "lm_head": lm_head}
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading a quantized model
+# ----------------------------------------------------------------------------------------------
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                "vocab.json", "merges.txt")
+
+
+def save(model: nn.Module, folder: str, source: str):
+    """Write a quantized model as a checkpoint folder that `load` (and generate.py) read back without
+    quantizing again: model.safetensors with the integer weights and their scales (everything else
+    as it is), source's config.json with a "quantization" entry, and source's tokenizer files."""
+    from safetensors.torch import save_file
+
+    from tokenizer import read_json, resolve_checkpoint
+    if not getattr(model, "quantization", None):
+        raise ValueError("the model is not quantized: call quantize.quantize(model, ...) first")
+    source = resolve_checkpoint(source)
+    os.makedirs(folder, exist_ok=True)
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if name.endswith("inv_freq") or id(tensor) in seen:  # a buffer, not a weight; a tied copy
+            continue
+        seen.add(id(tensor))
+        state[name] = tensor.contiguous()
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    config = read_json(os.path.join(source, "config.json"))
+    config["quantization"] = dict(model.quantization)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in COPIED_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), folder)
+
+
+def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
+    """Load a folder written by `save`: the model is built, quantized while still empty (on the meta
+    device, so nothing is computed), then given the stored tensors."""
+    from safetensors.torch import load_file
+
+    import generate
+    from tokenizer import read_json, resolve_checkpoint
+    folder = resolve_checkpoint(name_or_path)
+    raw = read_json(os.path.join(folder, "config.json"))
+    settings = raw.get("quantization")
+    if not settings:
+        raise ValueError(f"{name_or_path} is not a quantized checkpoint (no quantization in its config.json)")
+    scheme, group_size, lm_head = settings.get("scheme"), settings.get("group_size"), settings.get("lm_head")
+    check_scheme(scheme, group_size)
+    module = generate.model_module(raw.get("model_type"))
+    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
+    config = config_cls.from_dict(raw)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
+    with torch.device("meta"):
+        model = module.ARCHITECTURES[architecture](config).to(dtype)
+        quantize(model, scheme, group_size, lm_head)
+    state = load_file(module.safetensors_files(folder)[0], device=str(device or "cpu"))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    tied = config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)[0]
+        raise ValueError(f"{folder} does not match its config.json and quantization {settings}: tensor {odd} "
+                         f"is {'missing' if odd in expected else 'unexpected'}")
+    for name, tensor in state.items():
+        want = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        if tuple(want.shape) != tuple(tensor.shape):
+            raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, its config and "
+                             f"quantization {settings} expect {tuple(want.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device or "cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def weight_bytes(model: nn.Module) -> int:

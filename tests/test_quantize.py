@@ -174,3 +174,44 @@ def test_generate_cli_quantizes(tiny_chat_checkpoint, capsys):
     assert capsys.readouterr().out == plain  # int8 keeps the greedy answer of this tiny model
     assert generate.main(args + ["--quantize", "int4", "--group-size", "48"]) == 2
     assert "--group-size: invalid choice: 48" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_save_and_load_without_quantizing_again(tmp_path, arch, scheme, monkeypatch):
+    module, config_cls, model_cls, extra = MODELS[arch]
+    folder, _ = save_tiny(tmp_path / "source", config_cls, model_cls, **TINY, **extra)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours = quantize.quantize(module.from_pretrained(folder), scheme, group_size=32)
+    quantize.save(ours, str(tmp_path / "q"), folder)
+    meta = []  # load quantizes only empty (meta) tensors: the stored integers are not recomputed
+    for fn in ("quantize_int8", "quantize_int4"):
+        original = getattr(quantize, fn)
+        monkeypatch.setattr(quantize, fn, lambda w, *a, _f=original: meta.append(w.is_meta) or _f(w, *a))
+    back = quantize.load(str(tmp_path / "q"))
+    assert meta and all(meta)
+    with torch.no_grad():
+        assert torch.equal(back(x), ours(x))
+    assert back.quantization == {"scheme": scheme, "group_size": 32, "lm_head": "int8"}
+    assert torch.equal(back.lm_head.qweight, ours.lm_head.qweight)
+
+
+def test_quantized_folder_through_generate(tiny_chat_checkpoint, tmp_path, capsys):
+    """generate.py reads a saved int8 folder as it is; --quantize on it, or a damaged one, is one line."""
+    import json
+
+    import generate
+    model = quantize.quantize(qwen2.from_pretrained(tiny_chat_checkpoint), "int8")
+    quantize.save(model, str(tmp_path / "q8"), tiny_chat_checkpoint)
+    args = ["--prompt", "Hello world", "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert generate.main(["--model", tiny_chat_checkpoint, "--quantize", "int8", *args]) == 0
+    expected = capsys.readouterr().out
+    assert generate.main(["--model", str(tmp_path / "q8"), *args]) == 0
+    assert capsys.readouterr().out == expected
+    assert generate.main(["--model", str(tmp_path / "q8"), "--quantize", "int4", *args]) == 2
+    assert "is already quantized (int8); drop --quantize" in capsys.readouterr().err
+    config = json.loads((tmp_path / "q8" / "config.json").read_text())
+    config["quantization"]["scheme"] = "int4"  # the stored tensors are int8's
+    (tmp_path / "q8" / "config.json").write_text(json.dumps(config))
+    assert generate.main(["--model", str(tmp_path / "q8"), *args]) == 2
+    assert "does not match its config.json and quantization" in capsys.readouterr().err
