@@ -291,7 +291,7 @@ from exercises import _harness, reference  # noqa: E402
 
 CHECKERS = {name: importlib.import_module(f"exercises.test_{name}") for name in (
     "rmsnorm", "rope", "mask", "attention", "kv_cache", "sampling", "routing", "shared_expert",
-    "load_balancing",
+    "load_balancing", "int8",
     "stream_decoder", "yarn")}
 STARTER = _harness.load(_harness.STARTER)
 
@@ -439,6 +439,17 @@ class HoldsEverything(DecodesEachToken):
         return self.tokenizer.decode(self.ids or [], skip_special_tokens=self.skip)
 
 
+def int8_one_scale(w, dtype):
+    q, s = reference.quantize_int8(w, dtype)
+    s = (w.float().abs().amax() / 127).expand(len(w)).to(dtype)
+    return torch.round(w.float() / s.float()[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+def int8_exact_scale(w, dtype):
+    exact = w.float().abs().amax(-1) / 127
+    return torch.round(w.float() / exact[:, None]).clamp(-127, 127).to(torch.int8), exact.to(dtype)
+
+
 def yarn_linear(head_dim, theta, factor, original, beta_fast=32.0, beta_slow=1.0):
     inv_freq, scaling = reference.yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow)
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim) / factor, scaling
@@ -477,6 +488,8 @@ WRONG = [  # (checker, wrong answers, the diagnosis expected in the message)
     ("stream_decoder", dict(StreamDecoder=DecodesEachToken), r"half a character"),
     ("stream_decoder", dict(StreamDecoder=HoldsEverything),
      r"emit text as soon as it no longer ends in U\+FFFD"),
+    ("int8", dict(quantize_int8=int8_one_scale), r": s:.*one scale for the whole matrix"),
+    ("int8", dict(quantize_int8=int8_exact_scale), r"bfloat16\): q:.*round it against the scale as stored"),
     ("yarn", dict(yarn_frequencies=yarn_linear), r"inv_freq.*every frequency is divided by factor"),
     ("yarn", dict(yarn_frequencies=yarn_unscaled), r"attention_scaling 1.0, expected 1.1386"),
 ]

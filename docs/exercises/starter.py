@@ -152,3 +152,18 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_max_po
     Returns (inv_freq, attention_scaling): inv_freq (head_dim // 2,) float32, attention_scaling a float.
     """
     raise NotImplementedError("yarn_frequencies")
+
+
+# 13. Weight-only int8 (medium) -- replaces quantize_int8 and dequantize_int8 in quantize.py
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype):
+    """Symmetric int8 quantization of a weight matrix, one scale per output channel (row).
+
+    w: (N, K) any float dtype. Returns (q, s): q (N, K) int8 in [-127, 127]; s (N,) in `dtype`, the
+    scale as stored, with w[n, k] ~ q[n, k] * s[n].
+    """
+    raise NotImplementedError("quantize_int8")
+
+
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q (N, K) int8 and s (N,) -> the approximate weights (N, K) in `dtype`."""
+    raise NotImplementedError("dequantize_int8")

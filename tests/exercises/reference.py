@@ -17,6 +17,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import generate  # noqa: E402
+import quantize  # noqa: E402
 import qwen2  # noqa: E402
 import qwen2_moe  # noqa: E402
 import tokenizer  # noqa: E402
@@ -108,3 +109,8 @@ def yarn_frequencies(head_dim, theta, factor, original_max_position_embeddings, 
     config = _rope_config(head_dim, theta, rope_type="yarn", rope_scaling=scaling,
                           max_position_embeddings=int(original_max_position_embeddings * factor))
     return qwen2.rope_frequencies(config)
+
+
+# 13. quantize.quantize_int8 and dequantize_int8
+quantize_int8 = quantize.quantize_int8
+dequantize_int8 = quantize.dequantize_int8
