@@ -68,8 +68,11 @@ def model_module(model_type: str):
                          f"present") from None
 
 
-def load(name_or_path: str, device=None, dtype=None):
-    """Load (model, tokenizer, generation defaults) from a local folder or a hub id."""
+def load(name_or_path: str, device=None, dtype=None, quantization: str | None = None, group_size: int = 32):
+    """Load (model, tokenizer, generation defaults) from a local folder or a hub id.
+
+    quantization: "int8" or "int4" quantizes the weights while they load (quantize.py); a folder saved
+    by quantize.save is already quantized and loads as it is."""
     folder = resolve_checkpoint(name_or_path)
     config = read_json(os.path.join(folder, "config.json"))
     if not config:
@@ -79,9 +82,15 @@ def load(name_or_path: str, device=None, dtype=None):
     if not architecture.endswith("ForCausalLM") and architecture != "a causal LM":
         raise UsageError(f"{name_or_path} is a {architecture} checkpoint: generate.py needs a causal LM "
                          f"(...ForCausalLM); load it with {module.__name__}.from_pretrained instead")
-    if config.get("quantization"):  # written by quantize.save
+    if config.get("quantization") and quantization:
+        raise UsageError(f"{name_or_path} is already quantized ({config['quantization'].get('scheme')}); "
+                         f"drop --quantize")
+    if config.get("quantization") or quantization:
         import quantize
-        model = quantize.load(folder, device=device, dtype=dtype)
+        if config.get("quantization"):  # written by quantize.save
+            model = quantize.load(folder, device=device, dtype=dtype)
+        else:
+            model = quantize.from_pretrained(folder, quantization, group_size, device=device, dtype=dtype)
     else:
         model = module.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(folder)
@@ -455,14 +464,9 @@ def run(args) -> int:
     # On CPU, bfloat16 measured fastest (real 0.5B, 2 cores: decode 1.7x, prefill 2x float32;
     # docs/benchmarks.md).
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
-    model, tokenizer, defaults = load(args.model, device=device, dtype=dtype)
+    model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
+                                      group_size=args.group_size)
     model.set_kernels(args.kernels)
-    if args.quantize:
-        import quantize
-        if getattr(model, "quantization", None):
-            raise UsageError(f"{args.model} is already quantized ({model.quantization['scheme']}); "
-                             f"drop --quantize")
-        quantize.quantize(model, args.quantize, group_size=args.group_size)
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template
     stop_ids = set(defaults["eos_token_ids"])

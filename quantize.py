@@ -108,6 +108,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 15, b >> 4), dim=1).reshape(N, 2 * half)           # (block, half, j, ...)
 
 
+def by_rows(quantizer, w: torch.Tensor, *args, rows: int = 4096):
+    """quantizer(w, *args) computed 4096 rows at a time (rows are independent): the float32
+    temporaries of a 150k-row lm_head then stay small."""
+    parts = [quantizer(w[i:i + rows], *args) for i in range(0, len(w), rows)]
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
 # ----------------------------------------------------------------------------------------------
 # Quantized linear layers: a reference and the fast paths beside it
 # ----------------------------------------------------------------------------------------------
@@ -117,12 +124,17 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
-        q, s = quantize_int8(linear.weight.detach(), dtype)
-        self.register_buffer("qweight", q)                                      # (N, K) int8
-        self.register_buffer("scales", s)                                       # (N,)
+        self.dtype = dtype
+        self.register_buffer("qweight", None)                                   # (N, K) int8
+        self.register_buffer("scales", None)                                    # (N,)
+        self.set_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype),
                                                                   requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def set_weight(self, w: torch.Tensor):
+        """Quantize the float weight (N, K) into this layer, on w's device."""
+        self.qweight, self.scales = by_rows(quantize_int8, w, self.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_int8(self.qweight, self.scales, x.dtype), self.bias)
@@ -144,13 +156,19 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, group_size: int):
         super().__init__()
         N, K = linear.weight.shape
-        q, s, z = quantize_int4(linear.weight.detach(), group_size, dtype)
-        self.register_buffer("qweight", pack_int4(q))                           # (N, K/2) uint8
-        self.register_buffer("scales", s)                                       # (N, K/G)
-        self.register_buffer("zeros", z)                                        # (N, K/G)
+        self.dtype, self.group_size = dtype, group_size
+        self.register_buffer("qweight", None)                                   # (N, K/2) uint8
+        self.register_buffer("scales", None)                                    # (N, K/G)
+        self.register_buffer("zeros", None)                                     # (N, K/G)
+        self.set_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype),
                                                                   requires_grad=False)
-        self.in_features, self.out_features, self.group_size = K, N, group_size
+        self.in_features, self.out_features = K, N
+
+    def set_weight(self, w: torch.Tensor):
+        """Quantize the float weight (N, K) into this layer, on w's device."""
+        q, self.scales, self.zeros = by_rows(quantize_int4, w, self.group_size, self.dtype)
+        self.qweight = pack_int4(q)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, x.dtype)
@@ -177,16 +195,20 @@ class QuantizedStack(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scheme: str, dtype: torch.dtype, group_size: int):
         super().__init__()
-        self.scheme, self.out_dtype, self.shape = scheme, dtype, tuple(weight.shape)
-        if scheme == "int8":
-            q, s = quantize_int8(weight.detach(), dtype)                         # (E, N, K), (E, N)
-            z = torch.empty(0, dtype=dtype)
+        self.scheme, self.out_dtype, self.group_size = scheme, dtype, group_size
+        self.shape = tuple(weight.shape)
+        for name in ("qweight", "scales", "zeros"):
+            self.register_buffer(name, None)
+        self.set_weight(weight.detach())
+
+    def set_weight(self, w: torch.Tensor):
+        """Quantize the float stack (E, N, K) into this module, on w's device."""
+        if self.scheme == "int8":
+            self.qweight, self.scales = quantize_int8(w, self.out_dtype)        # (E, N, K), (E, N)
+            self.zeros = torch.empty(0, dtype=self.out_dtype, device=w.device)
         else:
-            q, s, z = quantize_int4(weight.detach(), group_size, dtype)          # (E, N, K), (E, N, K/G)
-            q = (q[..., 0::2] | (q[..., 1::2] << 4))                             # two per byte: (E, N, K/2)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", s)
-        self.register_buffer("zeros", z)
+            q, self.scales, self.zeros = quantize_int4(w, self.group_size, self.out_dtype)  # (E, N, K/G) each
+            self.qweight = q[..., 0::2] | (q[..., 1::2] << 4)                   # two per byte: (E, N, K/2)
 
     @property
     def dtype(self):
@@ -289,29 +311,110 @@ def save(model: nn.Module, folder: str, source: str):
             shutil.copy(os.path.join(source, name), folder)
 
 
-def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
-    """Load a folder written by `save`: the model is built, quantized while still empty (on the meta
-    device, so nothing is computed), then given the stored tensors."""
-    from safetensors.torch import load_file
-
+def checkpoint(name_or_path: str, dtype):
+    """(folder, config.json as a dict, the model file, the class name, its config, the dtype) of a
+    checkpoint, as the model files' from_pretrained reads them."""
     import generate
     from tokenizer import read_json, resolve_checkpoint
     folder = resolve_checkpoint(name_or_path)
     raw = read_json(os.path.join(folder, "config.json"))
+    module = generate.model_module(raw.get("model_type"))
+    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
+    if architecture not in module.ARCHITECTURES:
+        raise ValueError(f"{name_or_path} is a {architecture}, which {module.__name__}.py does not build")
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
+    config = config_cls.from_dict(raw)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
+    return folder, raw, module, architecture, config, dtype
+
+
+def finish(model: nn.Module, module, config, device, source: str) -> nn.Module:
+    """Tie lm_head when it is not quantized, check that every tensor arrived, compute the RoPE
+    buffer, freeze: ready for inference."""
+    if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t is not None and t.is_meta and not n.endswith("inv_freq")]
+    if left:
+        raise ValueError(f"{source}: tensor {left[0]} is missing from the checkpoint"
+                         + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+    decoder = getattr(model, "transformer", getattr(model, "model", model))
+    decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+                    device=None, dtype=None, lm_head: str | None = LM_HEAD) -> nn.Module:
+    """Load a full-precision checkpoint quantized tensor by tensor as it streams in (the same layers
+    as `quantize`), so that no full-precision copy of the model ever exists: a model that fits only
+    in its quantized form loads. Peak memory: the quantized model, plus one tensor (for the MoE files,
+    one layer's experts) in full precision."""
+    check_scheme(scheme, group_size)
+    folder, raw, module, architecture, config, dtype = checkpoint(name_or_path, dtype)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):  # the quantized model's structure, no memory yet
+        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_weight")}
+    params = dict(model.named_parameters())
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in params)
+    tied_head = config.tie_word_embeddings and "lm_head" in layers   # quantized from the embedding
+    experts = {}  # stack name -> [full-precision stack being filled, pieces still to come]
+    for file in module.safetensors_files(folder):
+        with module.open_safetensors(file) as f:
+            for name in f.keys():
+                target = module.parameter_for(name, backbone)
+                owner, _, leaf = target.rpartition(".")
+                expert = module.EXPERT_KEY.match(target) if hasattr(module, "EXPERT_KEY") else None
+                if expert:  # one expert's projection: into its layer's stack, quantized once complete
+                    prefix, e, part = expert[1], int(expert[2]), expert[3]
+                    stack = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+                    shape = layers[stack].shape                                 # (E, N, K)
+                    if stack not in experts:  # the stack and how many pieces it still waits for
+                        experts[stack] = [torch.empty(shape, dtype=dtype), shape[0] * (2 - (part == "down"))]
+                    rows = {"gate": slice(0, shape[1] // 2), "up": slice(shape[1] // 2, None),
+                            "down": slice(None)}[part]
+                    piece = experts[stack][0][e, rows]
+                    experts[stack][0][e, rows] = checked(name, f.get_tensor(name), piece.shape)
+                    experts[stack][1] -= 1
+                    if experts[stack][1] == 0:
+                        layers[stack].set_weight(experts.pop(stack)[0].to(device))
+                elif target in layers or (owner in layers and leaf == "weight"):  # a quantized weight
+                    layer = layers[target if target in layers else owner]
+                    shape = layer.shape if target in layers else (layer.out_features, layer.in_features)
+                    layer.set_weight(checked(name, f.get_tensor(name), shape).to(device))
+                elif target in params:
+                    tensor = checked(name, f.get_tensor(name), params[target].shape)
+                    tensor = tensor.to(device=device, dtype=dtype)
+                    module.set_parameter(model, target, tensor)
+                    if tied_head and target.endswith("embed_tokens.weight"):
+                        layers["lm_head"].set_weight(tensor)
+                elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
+                                     f"does not match its config.json")
+    return finish(model, module, config, device, name_or_path)
+
+
+def checked(name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects {tuple(shape)}")
+    return tensor
+
+
+def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
+    """Load a folder written by `save`: the model is built, quantized while still empty (on the meta
+    device, so nothing is computed), then given the stored tensors."""
+    from safetensors.torch import load_file
+    folder, raw, module, architecture, config, dtype = checkpoint(name_or_path, dtype)
     settings = raw.get("quantization")
     if not settings:
         raise ValueError(f"{name_or_path} is not a quantized checkpoint (no quantization in its config.json)")
     scheme, group_size, lm_head = settings.get("scheme"), settings.get("group_size"), settings.get("lm_head")
     check_scheme(scheme, group_size)
-    module = generate.model_module(raw.get("model_type"))
-    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
-    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
-    config = config_cls.from_dict(raw)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
     with torch.device("meta"):
-        model = module.ARCHITECTURES[architecture](config).to(dtype)
-        quantize(model, scheme, group_size, lm_head)
+        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head)
     state = load_file(module.safetensors_files(folder)[0], device=str(device or "cpu"))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tied = config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear)
@@ -326,13 +429,7 @@ def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
             raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, its config and "
                              f"quantization {settings} expect {tuple(want.shape)}")
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    decoder = getattr(model, "transformer", getattr(model, "model", model))
-    decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device or "cpu")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return finish(model, module, config, device or "cpu", name_or_path)
 
 
 def weight_bytes(model: nn.Module) -> int:

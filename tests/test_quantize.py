@@ -1,5 +1,7 @@
 """quantize.py: the arithmetic, every fast path against its reference, torch's int4 packing, whole
 models of the three files, and the accuracy bounds on the real checkpoint."""
+import os
+
 import pytest
 import torch
 from conftest import save_tiny
@@ -215,3 +217,38 @@ def test_quantized_folder_through_generate(tiny_chat_checkpoint, tmp_path, capsy
     (tmp_path / "q8" / "config.json").write_text(json.dumps(config))
     assert generate.main(["--model", str(tmp_path / "q8"), *args]) == 2
     assert "does not match its config.json and quantization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_quantized_while_streaming_equals_quantized_after_loading(tmp_path, arch, scheme, tied):
+    """quantize.from_pretrained never holds the full-precision model, and gives the same model."""
+    module, config_cls, model_cls, extra = MODELS[arch]
+    folder, _ = save_tiny(tmp_path, config_cls, model_cls, **TINY, **extra, tie_word_embeddings=tied)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    after = quantize.quantize(module.from_pretrained(folder), scheme, group_size=32)
+    streamed = quantize.from_pretrained(folder, scheme, group_size=32)
+    assert type(streamed) is type(after)
+    with torch.no_grad():
+        assert torch.equal(streamed(x), after(x))
+    assert set(streamed.state_dict()) == set(after.state_dict())
+    assert all(not t.requires_grad for t in streamed.parameters())
+
+
+def test_streaming_refuses_a_checkpoint_that_disagrees(tmp_path):
+    from safetensors.torch import load_file, save_file
+    module, config_cls, model_cls, extra = MODELS["qwen3_moe"]
+    folder, _ = save_tiny(tmp_path, config_cls, model_cls, **TINY, **extra)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = torch.zeros(32, 128)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight has shape \(32, 128\), the config "
+                                         r"expects \(64, 128\)"):
+        quantize.from_pretrained(folder, "int8")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.qweight is missing"):
+        quantize.from_pretrained(folder, "int8")
