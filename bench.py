@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -221,6 +222,39 @@ def run_transformers(hf, prompts, new_tokens):
             "decode_tok_s": len(prompts) * (new_tokens - 1) / max(total - first, 1e-9)}
 
 
+# llama.cpp as a peer: ../shared/tools/llama_cpp_peer.sh builds llama-bench and writes these GGUFs of
+# the real checkpoint (LLAMA_BENCH and --gguf point elsewhere).
+LLAMA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "qwen-testdata", "llama.cpp")
+GGUF_TYPES = {None: "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> llama.cpp's matching type
+
+
+def llama_cpp_peer(quantization: str | None, gguf: str | None) -> tuple[str, str]:
+    """(llama-bench, the GGUF to run) for --compare llama.cpp, or one line saying how to get them."""
+    binary = os.environ.get("LLAMA_BENCH", os.path.join(LLAMA_DIR, "bin", "llama-bench"))
+    gguf = gguf or os.path.join(LLAMA_DIR, f"model-{GGUF_TYPES[quantization]}.gguf")
+    for path, what in ((binary, "llama-bench"), (gguf, "the GGUF")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"--compare llama.cpp: {what} is not at {path}; build both with "
+                             f"bash ../shared/tools/llama_cpp_peer.sh (or set LLAMA_BENCH and --gguf)")
+    return binary, gguf
+
+
+def run_llama_cpp(binary: str, gguf: str, prompt_len: int, new_tokens: int) -> dict:
+    """llama.cpp's llama-bench on the GGUF, with as many threads as torch uses: its prompt and
+    generation speeds, each the mean of 3 runs."""
+    libraries = os.path.dirname(binary) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+    command = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-p", str(prompt_len),
+               "-n", str(new_tokens), "-r", "3", "-o", "json"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "LD_LIBRARY_PATH": libraries})
+    if out.returncode != 0:
+        raise SystemExit(f"llama-bench failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    runs = json.loads(out.stdout)
+    prefill = next(r["avg_ts"] for r in runs if r["n_prompt"] and not r["n_gen"])
+    decode = next(r["avg_ts"] for r in runs if r["n_gen"] and not r["n_prompt"])
+    return {"impl": f"llama.cpp ({os.path.basename(gguf)})", "prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
 # ----------------------------------------------------------------------------------------------
 # Plot
 # ----------------------------------------------------------------------------------------------
@@ -272,10 +306,11 @@ SUITE = [
 ]
 
 
-def measure(model, hf, name: str, device, bandwidth: float, batch_size: int, prompt_len: int, new_tokens: int,
-            compile: bool, kernels: str, json_path: str | None) -> list[dict]:
-    """Time one workload: our model, and transformers' `hf` (None: not) on the same random prompts.
-    Prints a header and a Markdown table, appends one JSON line per implementation; returns the rows."""
+def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, prompt_len: int,
+            new_tokens: int, compile: bool, kernels: str, json_path: str | None) -> list[dict]:
+    """Time one workload: our model, and `peer` (None: none), a function (prompts, new_tokens) -> its
+    row, on the same random prompts. Prints a header and a Markdown table, appends one JSON line per
+    implementation; returns the rows."""
     model.set_kernels(kernels)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
@@ -283,8 +318,8 @@ def measure(model, hf, name: str, device, bandwidth: float, batch_size: int, pro
     roofline = bandwidth / bytes_per_token * batch_size
     rows = [{"impl": "ours" + (" compiled" if compile else "") + f" ({kernels})",
              **run_ours(model, prompts, new_tokens, compile)}]
-    if hf is not None:
-        rows.append({"impl": "transformers (sdpa)", **run_transformers(hf, prompts, new_tokens)})
+    if peer is not None:
+        rows.append(peer(prompts, new_tokens))
 
     print(f"{name} | {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | "
           f"{model.dtype} | batch {batch_size} | prompt {prompt_len} | new {new_tokens} | "
@@ -524,8 +559,10 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4's group size")
     p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
                    help="reference: the spelled-out attention and expert loop")
-    p.add_argument("--compare", choices=["transformers"],
-                   help="also run the same weights through transformers")
+    p.add_argument("--compare", choices=["transformers", "llama.cpp"],
+                   help="also run the same weights through transformers, or llama.cpp's llama-bench on "
+                        "their GGUF (BF16, Q8_0 with --quantize int8, Q4_0 with int4)")
+    p.add_argument("--gguf", help="the GGUF for --compare llama.cpp (default: llama_cpp_peer.sh's)")
     p.add_argument("--suite", action="store_true",
                    help="every run of the GPU table (bench.SUITE) on one model; replaces the workload flags")
     p.add_argument("--json", help="append one JSON line per run to this file")
@@ -554,19 +591,29 @@ def main(argv=None):
         model = random_model(preset, device, dtype)
     if args.quantize:
         import quantize
-        if args.compare:
-            raise SystemExit("--compare runs transformers on the same weights: not with --quantize")
+        if args.compare == "transformers":
+            raise SystemExit("--compare transformers runs the same weights unquantized: not with --quantize")
         quantize.quantize(model, args.quantize, group_size=args.group_size)
         name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
                                            args.kernels, bool(args.compare))]
-    hf = None
-    if any(compare for *_, compare in workloads):
+    peer = None
+    if args.compare == "llama.cpp":
+        if args.model is None:
+            raise SystemExit("--compare llama.cpp needs --model: llama.cpp runs the checkpoint's own GGUF")
+        binary, gguf = llama_cpp_peer(args.quantize, args.gguf)
+
+        def peer(prompts, new_tokens):
+            return run_llama_cpp(binary, gguf, len(prompts[0]), new_tokens)
+    elif any(compare for *_, compare in workloads):
         hf = transformers_twin(model, preset, folder, device, model.dtype)
+
+        def peer(prompts, new_tokens):
+            return {"impl": "transformers (sdpa)", **run_transformers(hf, prompts, new_tokens)}
     rows = []
     for batch_size, prompt_len, new_tokens, compile, kernels, compare in workloads:
-        rows += measure(model, hf if compare else None, name, device, bandwidth, batch_size, prompt_len,
+        rows += measure(model, peer if compare else None, name, device, bandwidth, batch_size, prompt_len,
                         new_tokens, compile, kernels, args.json)
     return rows
 

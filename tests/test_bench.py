@@ -161,3 +161,25 @@ def test_suite_runs_every_workload_on_one_model(tmp_path, monkeypatch, capsys):
     workloads = [(r["batch_size"], r["prompt_len"], r["new_tokens"]) for r in records]
     assert workloads == [(1, 8, 4), (1, 8, 4), (2, 6, 3)]
     assert capsys.readouterr().out.count("| implementation |") == 2
+
+
+def test_compare_llama_cpp_runs_llama_bench(tmp_path, monkeypatch, tiny_chat_checkpoint):
+    """--compare llama.cpp runs llama-bench on the GGUF with our prompt length, token count and
+    threads, and reports its speeds as a row; without the peer, one line says how to build it."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args.txt"\n'
+                    'echo \'[{"n_prompt": 8, "n_gen": 0, "avg_ts": 123.5}, {"n_prompt": 0, "n_gen": 4, '
+                    '"avg_ts": 45.25}]\'\n')
+    fake.chmod(0o755)
+    gguf = tmp_path / "model-Q8_0.gguf"
+    gguf.write_bytes(b"")
+    monkeypatch.setenv("LLAMA_BENCH", str(fake))
+    rows = bench.main(["--model", tiny_chat_checkpoint, "--dtype", "float32", "--compare", "llama.cpp",
+                       "--gguf", str(gguf), "--prompt-len", "8", "--new-tokens", "4", "--quantize", "int8"])
+    assert rows[1] == {"impl": "llama.cpp (model-Q8_0.gguf)", "prefill_tok_s": 123.5, "decode_tok_s": 45.25}
+    args = (tmp_path / "args.txt").read_text().split()
+    assert args[args.index("-m") + 1] == str(gguf) and args[args.index("-p") + 1] == "8"
+    assert args[args.index("-n") + 1] == "4" and args[args.index("-t") + 1] == str(torch.get_num_threads())
+    monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="llama-bench is not at .*nowhere; build both with bash "):
+        bench.main(["--model", tiny_chat_checkpoint, "--compare", "llama.cpp", "--gguf", str(gguf)])
