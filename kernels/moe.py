@@ -18,7 +18,14 @@ The Triton version works on the N*K (token, expert) "pairs" (pair p = n*K + k):
     3. kernel 2: grouped matmul of that with w_down^T, times the routing weight -> (N*K, C);
     4. sum each token's K rows.
 Experts that receive no token get no block, so their weights are never read.
+
+Weight-only int8: instead of float stacks, fused_moe also takes stacks quantized per output channel
+(any object with an int8 `qweight` (E, N, K) and `scales` (E, N), as quantize.QuantizedStack has).
+The kernels then read int8 tiles, widen them to the activation dtype for the matmul, and multiply
+each output column by its scale once, after the sum over K: x @ (q * s)^T = (x @ q^T) * s.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +39,8 @@ from .common import DTYPES, INTERPRET, device_ok, dot_precision
 # Reference
 # ----------------------------------------------------------------------------------------
 def fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """Plain-torch loop over the experts that received tokens."""
+    """Plain-torch loop over the experts that received tokens (int8 stacks: dequantized first)."""
+    w_gate_up, w_down = dequantized(w_gate_up), dequantized(w_down)
     I = w_down.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, C)
     for e in topk_ids.unique().tolist():
@@ -43,6 +51,15 @@ def fused_moe_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
         y = h @ w_down[e].float().T  # (n_e, C)
         out.index_add_(0, token, y * topk_weights[token, slot, None].float())
     return out.to(x.dtype)
+
+
+def int8_stack(w) -> bool:
+    """Is `w` a stack quantized per output channel (int8 qweight (E, N, K), scales (E, N))?"""
+    return getattr(w, "qweight", None) is not None and w.qweight.dtype == torch.int8 and w.scales.dim() == 2
+
+
+def dequantized(w):
+    return w.qweight.float() * w.scales.float()[..., None] if int8_stack(w) else w
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,10 +123,10 @@ def _matmul_configs():
 @triton.autotune(configs=_matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
 @triton.jit(do_not_specialize=["num_pairs"])  # changes with the batch: one compiled variant
 def _gate_up_kernel(
-    X, W, Inter, PairIds, BlockExpert,
+    X, W, Inter, PairIds, BlockExpert, Scales,
     num_pairs, TOPK, HIDDEN, INTER,
-    sx_n, sx_h, sw_e, sw_r, sw_h, si_p, si_i,
-    DOT_PRECISION: tl.constexpr,
+    sx_n, sx_h, sw_e, sw_r, sw_h, si_p, si_i, ss_e,
+    DOT_PRECISION: tl.constexpr, W_INT8: tl.constexpr,  # W_INT8: int8 weights, Scales (E, 2I)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Inter[p, :] = silu(x[n] @ w_gate[e]^T) * (x[n] @ w_up[e]^T) for a block of pairs of expert e."""
@@ -138,13 +155,17 @@ def _gate_up_kernel(
     for k0 in range(0, HIDDEN, BLOCK_K):
         in_k = offs_k + k0 < HIDDEN
         xt = tl.load(x_ptrs, mask=is_pair[:, None] & in_k[None, :], other=0.0)
-        wg = tl.load(g_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0)
-        wu = tl.load(u_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0).to(xt.dtype)
+        wu = tl.load(u_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0).to(xt.dtype)
         gate = tl.dot(xt, wg, gate, input_precision=DOT_PRECISION)
         up = tl.dot(xt, wu, up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * sx_h
         g_ptrs += BLOCK_K * sw_h
         u_ptrs += BLOCK_K * sw_h
+
+    if W_INT8:  # one scale per output row of w_gate_up: the gate's, then the up's
+        gate *= tl.load(Scales + e * ss_e + offs_n, mask=is_col, other=0.0).to(tl.float32)[None, :]
+        up *= tl.load(Scales + e * ss_e + INTER + offs_n, mask=is_col, other=0.0).to(tl.float32)[None, :]
 
     # Epilogue: SiLU(gate) * up, stored at the pair's own row.
     h = gate / (1.0 + tl.exp(-gate)) * up  # (BLOCK_M, BLOCK_N)
@@ -155,10 +176,10 @@ def _gate_up_kernel(
 @triton.autotune(configs=_matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
 @triton.jit(do_not_specialize=["num_pairs"])  # changes with the batch: one compiled variant
 def _down_kernel(
-    Inter, W, Out, PairIds, BlockExpert, RouteWeight,
+    Inter, W, Out, PairIds, BlockExpert, RouteWeight, Scales,
     num_pairs, HIDDEN, INTER,
-    si_p, si_i, sw_e, sw_h, sw_i, so_p, so_h,
-    DOT_PRECISION: tl.constexpr,
+    si_p, si_i, sw_e, sw_h, sw_i, so_p, so_h, ss_e,
+    DOT_PRECISION: tl.constexpr, W_INT8: tl.constexpr,  # W_INT8: int8 weights, Scales (E, C)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Out[p, :] = route_weight[p] * Inter[p] @ w_down[e]^T for a block of pairs of expert e."""
@@ -182,10 +203,13 @@ def _down_kernel(
     for k0 in range(0, INTER, BLOCK_K):
         in_k = offs_k + k0 < INTER
         a = tl.load(a_ptrs, mask=is_pair[:, None] & in_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=in_k[:, None] & is_col[None, :], other=0.0).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * si_i
         w_ptrs += BLOCK_K * sw_i
+
+    if W_INT8:  # one scale per output column (a row of w_down)
+        acc *= tl.load(Scales + e * ss_e + offs_n, mask=is_col, other=0.0).to(tl.float32)[None, :]
 
     # Epilogue: scale by the routing weight of each pair (float32 output, summed later).
     route = tl.load(RouteWeight + pair, mask=is_pair, other=0.0).to(tl.float32)  # (BLOCK_M,)
@@ -197,13 +221,18 @@ def _down_kernel(
 # Python wrappers
 # ----------------------------------------------------------------------------------------
 def supports(x, w_gate_up):
-    """True when fused_moe can take these tensors (else the caller uses its torch path)."""
+    """True when fused_moe can take these tensors (else the caller uses its torch path): float
+    stacks in x's dtype, or stacks quantized per output channel to int8."""
+    if int8_stack(w_gate_up):
+        w_gate_up = w_gate_up.qweight
+    elif getattr(w_gate_up, "qweight", None) is not None:  # quantized otherwise (int4): not here
+        return False
     return (
         device_ok(x)
         and x.dim() == 2
         and w_gate_up.dim() == 3
         and x.dtype in DTYPES
-        and w_gate_up.dtype == x.dtype
+        and w_gate_up.dtype in (x.dtype, torch.int8)
         and w_gate_up.device == x.device
         and w_gate_up.shape[2] == x.shape[1]
         and w_gate_up.shape[1] % 2 == 0
@@ -215,18 +244,26 @@ def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
 
     Inside torch.compile it runs as one custom op, opaque to the compiler and captured whole by a
     CUDA graph (it has no host synchronisation and no data-dependent shapes)."""
+    scales = (w_gate_up.scales, w_down.scales) if int8_stack(w_gate_up) else (None, None)
+    if int8_stack(w_gate_up):
+        w_gate_up, w_down = w_gate_up.qweight, w_down.qweight
     if torch.compiler.is_compiling():
-        return _fused_moe_op(x, w_gate_up, w_down, topk_ids, topk_weights)
-    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+        return _fused_moe_op(x, w_gate_up, w_down, topk_ids, topk_weights, *scales)
+    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, *scales)
 
 
-def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
+def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, gate_up_scales=None, down_scales=None):
     N, C = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
     K = topk_ids.shape[1]
     assert w_gate_up.shape == (E, 2 * I, C) and w_down.shape == (E, C, I)
     assert topk_ids.shape == topk_weights.shape == (N, K)
-    assert w_gate_up.dtype == x.dtype and w_down.dtype == x.dtype
+    w_int8 = gate_up_scales is not None
+    assert (w_gate_up.dtype, w_down.dtype) == ((torch.int8,) * 2 if w_int8 else (x.dtype,) * 2)
+    if w_int8:
+        assert gate_up_scales.shape == (E, 2 * I) and down_scales.shape == (E, C)
+    else:
+        gate_up_scales = down_scales = x.new_empty(1, 1)  # not read
     P = N * K  # number of (token, expert) pairs
     if P == 0:
         return torch.zeros_like(x)
@@ -240,19 +277,19 @@ def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
     # 2. gate/up matmul + SiLU(gate) * up  ->  (P, I), in the activation dtype.
     inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(I, meta["BLOCK_N"]))](
-        x, w_gate_up, inter, pair_ids, block_expert,
+        x, w_gate_up, inter, pair_ids, block_expert, gate_up_scales,
         P, K, C, I,
-        *x.stride(), *w_gate_up.stride(), *inter.stride(),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+        *x.stride(), *w_gate_up.stride(), *inter.stride(), gate_up_scales.stride(0),
+        DOT_PRECISION=dot_precision(x.dtype), W_INT8=w_int8, BLOCK_M=block_m,
     )
 
     # 3. down matmul, times the routing weight  ->  (P, C), float32.
     out_pairs = torch.empty(P, C, dtype=torch.float32, device=x.device)
     _down_kernel[lambda meta: (num_blocks, triton.cdiv(C, meta["BLOCK_N"]))](
-        inter, w_down, out_pairs, pair_ids, block_expert, route,
+        inter, w_down, out_pairs, pair_ids, block_expert, route, down_scales,
         P, C, I,
-        *inter.stride(), *w_down.stride(), *out_pairs.stride(),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+        *inter.stride(), *w_down.stride(), *out_pairs.stride(), down_scales.stride(0),
+        DOT_PRECISION=dot_precision(x.dtype), W_INT8=w_int8, BLOCK_M=block_m,
     )
 
     # 4. Each token sums its K expert outputs.
@@ -261,10 +298,11 @@ def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
 
 @torch.library.custom_op("qwen_kernels::fused_moe", mutates_args=())
 def _fused_moe_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
-    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+                  topk_weights: torch.Tensor, gate_up_scales: Optional[torch.Tensor] = None,
+                  down_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, gate_up_scales, down_scales)
 
 
 @_fused_moe_op.register_fake
-def _(x, w_gate_up, w_down, topk_ids, topk_weights):
+def _(x, w_gate_up, w_down, topk_ids, topk_weights, gate_up_scales=None, down_scales=None):
     return x.new_empty(x.shape)

@@ -295,6 +295,29 @@ def test_fused_moe(N, E, K, Hd, I, used, dtype):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,E,K,Hd,I,used", MOE_CASES[:3])
+def test_fused_moe_with_int8_weights(N, E, K, Hd, I, used, dtype):
+    """Stacks quantized per output channel (quantize.QuantizedStack): the kernels read the int8
+    weights and scale each output column; equal to the float computation on the dequantized stacks."""
+    import types
+    x, w_gate_up, w_down, ids, weights = make_moe(N, E, K, Hd, I, dtype, used_experts=used)
+
+    def int8(w):  # symmetric per output channel, as quantize.quantize_int8
+        s = (w.float().abs().amax(-1) / 127).clamp(min=1e-12)
+        return types.SimpleNamespace(qweight=torch.round(w.float() / s[..., None]).to(torch.int8),
+                                     scales=s.to(dtype))
+
+    q_gate_up, q_down = int8(w_gate_up), int8(w_down)
+    assert moe.supports(x, q_gate_up)
+    out = moe.fused_moe(x, q_gate_up, q_down, ids, weights)
+    dequantized = [(q.qweight.float() * q.scales.float()[..., None]).to(dtype) for q in (q_gate_up, q_down)]
+    assert_close(out, moe.fused_moe_reference(x, *dequantized, ids, weights), dtype)
+    assert_close(out, moe.fused_moe_reference(x, q_gate_up, q_down, ids, weights), dtype)
+    int4 = types.SimpleNamespace(qweight=q_gate_up.qweight.to(torch.uint8), scales=torch.ones(E, 2 * I, 1))
+    assert not moe.supports(x, int4)  # only int8 per channel
+
+
 def test_fused_moe_reads_only_routed_experts():
     """Experts that get no token launch no work: poisoning their weights changes nothing."""
     x, w_gate_up, w_down, ids, weights = make_moe(3, 10, 2, 32, 32, torch.float32)

@@ -252,3 +252,34 @@ def test_streaming_refuses_a_checkpoint_that_disagrees(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.qweight is missing"):
         quantize.from_pretrained(folder, "int8")
+
+
+def test_int8_experts_through_the_triton_kernel():
+    """A quantized MoE model with set_kernels("triton") runs the fused kernel's int8 variant (Triton's
+    interpreter on CPU, in a fresh process) and gives the torch path's logits."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    from conftest import ROOT
+    script = (
+        "import torch, qwen3_moe, quantize\n"
+        "from kernels import moe\n"
+        "calls = []\n"
+        "real = moe._fused_moe\n"
+        "moe._fused_moe = lambda *a: calls.append(a[5] is not None) or real(*a)\n"
+        "torch.manual_seed(0)\n"
+        "config = qwen3_moe.Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=128,"
+        " num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,"
+        " num_experts_per_tok=2, moe_intermediate_size=32)\n"
+        "model = quantize.quantize(qwen3_moe.Qwen3MoeForCausalLM(config).eval(), 'int8')\n"
+        "x = torch.randint(0, 64, (2, 7))\n"
+        "with torch.no_grad():\n"
+        "    model.set_kernels('torch'); want = model(x)\n"
+        "    model.set_kernels('triton'); got = model(x)\n"
+        "assert calls == [True, True], calls\n"
+        "torch.testing.assert_close(got, want, atol=1e-4, rtol=0)\n"
+        "print('ok')\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
