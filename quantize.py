@@ -190,8 +190,8 @@ class QuantizedStack(nn.Module):
     """The stacked weights of E experts, quantized per expert (and per output channel or group),
     standing in for the (E, N, K) tensor: indexing it (`w[e]`, or `w[ids]` with a tensor of expert
     ids) dequantizes only those experts, so the model files' expert paths run unchanged and read
-    only the experts that received tokens. Its dtype is the storage's (int8 / uint8), so the fused
-    Triton MoE kernel, which needs the activation dtype, declines it."""
+    only the experts that received tokens. The fused Triton MoE kernel reads int8 stacks as they
+    are (kernels/moe.py's int8 variant) and declines int4 ones."""
 
     def __init__(self, weight: torch.Tensor, scheme: str, dtype: torch.dtype, group_size: int):
         super().__init__()
