@@ -391,6 +391,14 @@ def route_always_normalised(router_logits, top_k, norm_topk_prob):
     return reference.route(router_logits, top_k, True)
 
 
+def route_casts_before_renormalising(router_logits, top_k, norm_topk_prob):
+    weights, ids = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
+    weights = weights.to(router_logits.dtype)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
 def route_softmax_in_bf16(router_logits, top_k, norm_topk_prob):
     weights, ids = torch.topk(torch.softmax(router_logits, dim=-1), top_k, dim=-1)
     if norm_topk_prob:
@@ -478,6 +486,8 @@ WRONG = [  # (checker, wrong answers, the diagnosis expected in the message)
     ("sampling", dict(sampling_probs=sampling_nucleus_too_small), r"top_p=0.9\).*stops before the token"),
     ("routing", dict(route=route_always_normalised),
      r"norm_topk_prob=False.*renormalised to sum to 1 although"),
+    ("routing", dict(route=route_casts_before_renormalising),
+     r"bfloat16, top_k=8, norm_topk_prob=True\): weights:.*you cast them before renormalising \(Hint 2\)"),
     ("routing", dict(route=route_softmax_in_bf16),
      r"bfloat16.*(softmax runs in the logits' dtype|picks experts)"),
     ("shared_expert", dict(moe_block=moe_ungated), r"the shared expert is not gated"),

@@ -42,8 +42,14 @@ def check(impl):
         causes = [(by_id(*reference.route(logits, K, not norm))[0],
                    "the weights are renormalised to sum to 1 although norm_topk_prob is False"
                    if not norm else "norm_topk_prob is True: divide the K weights by their sum"),
-                  (top, "the weights must come back in the logits' dtype"),
-                  (torch.softmax(logits, -1).gather(-1, want_ids).to(dtype) if not norm else
+                  (top, "the weights must come back in the logits' dtype")]
+        if norm:  # Hint 2's trap, a cast before the renormalisation: the same numbers as a bf16 softmax
+            cast_first = top.to(dtype)
+            causes.append((cast_first / cast_first.sum(-1, keepdim=True), "the weights were rounded to the "
+                           "logits' dtype before the renormalisation: you cast them before renormalising "
+                           "(Hint 2), or the softmax runs in the logits' dtype; run the softmax in float32, "
+                           "renormalise, and cast at the end"))
+        causes += [(torch.softmax(logits, -1).gather(-1, want_ids).to(dtype) if not norm else
                    (lambda t: t / t.sum(-1, keepdim=True))(torch.softmax(logits, -1).gather(-1, want_ids)),
                    "the softmax runs in the logits' dtype; run it in float32 (softmax(..., "
                    "dtype=torch.float32)) and cast the weights back at the end")]
