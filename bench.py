@@ -578,10 +578,13 @@ def main(argv=None):
     if args.preset is None and args.model is None:
         args.preset = "cpu-qwen2"
 
+    if args.quantize and args.compare == "transformers":
+        raise SystemExit("--compare transformers runs the same weights unquantized: not with --quantize")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = None
     if args.model:
-        model, _, _ = generate.load(args.model, device=device, dtype=args.dtype)
+        model, _, _ = generate.load(args.model, device=device, dtype=args.dtype, quantization=args.quantize,
+                                    group_size=args.group_size)  # quantized while it loads
         folder, name = tokenizer.resolve_checkpoint(args.model), args.model
         preset = None
     else:
@@ -590,10 +593,9 @@ def main(argv=None):
         preset, name = PRESETS[args.preset], args.preset
         model = random_model(preset, device, dtype)
     if args.quantize:
-        import quantize
-        if args.compare == "transformers":
-            raise SystemExit("--compare transformers runs the same weights unquantized: not with --quantize")
-        quantize.quantize(model, args.quantize, group_size=args.group_size)
+        if args.model is None:
+            import quantize
+            quantize.quantize(model, args.quantize, group_size=args.group_size)
         name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,

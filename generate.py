@@ -78,8 +78,8 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
     if not config:
         raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
     module = model_module(config.get("model_type"))
-    architecture = (config.get("architectures") or ["a causal LM"])[0]
-    if not architecture.endswith("ForCausalLM") and architecture != "a causal LM":
+    architecture = (config.get("architectures") or [None])[0]  # none named: a causal LM
+    if architecture is not None and not architecture.endswith("ForCausalLM"):
         raise UsageError(f"{name_or_path} is a {architecture} checkpoint: generate.py needs a causal LM "
                          f"(...ForCausalLM); load it with {module.__name__}.from_pretrained instead")
     if config.get("quantization") and quantization:

@@ -210,17 +210,6 @@ class QuantizedStack(nn.Module):
             q, self.scales, self.zeros = quantize_int4(w, self.group_size, self.out_dtype)  # (E, N, K/G) each
             self.qweight = q[..., 0::2] | (q[..., 1::2] << 4)                   # two per byte: (E, N, K/2)
 
-    @property
-    def dtype(self):
-        return self.qweight.dtype
-
-    @property
-    def device(self):
-        return self.qweight.device
-
-    def dim(self) -> int:
-        return len(self.shape)
-
     def __getitem__(self, index) -> torch.Tensor:
         q, s = self.qweight[index], self.scales[index]
         if self.scheme == "int8":
@@ -423,8 +412,9 @@ def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
         odd = sorted(set(state) ^ expected)[0]
         raise ValueError(f"{folder} does not match its config.json and quantization {settings}: tensor {odd} "
                          f"is {'missing' if odd in expected else 'unexpected'}")
+    wanted = model.state_dict()  # the empty (meta) tensors, with their shapes
     for name, tensor in state.items():
-        want = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        want = wanted[name]
         if tuple(want.shape) != tuple(tensor.shape):
             raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, its config and "
                              f"quantization {settings} expect {tuple(want.shape)}")
