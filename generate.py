@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -48,6 +49,10 @@ MODEL_FILES = {
 
 class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+class GroupStopped(Exception):
+    """Under torchrun: the launcher is ending this process because another one stopped."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +90,13 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
     if config.get("quantization") and quantization:
         raise UsageError(f"{name_or_path} is already quantized ({config['quantization'].get('scheme')}); "
                          f"drop --quantize")
-    if config.get("quantization") or quantization:
+    if parallel_run():  # under torchrun: this rank's shard, quantized after sharding when asked
+        import parallel
+        model = parallel.from_pretrained(folder, device=device, dtype=dtype)
+        if quantization:
+            import quantize
+            quantize.quantize(model, quantization, group_size)
+    elif config.get("quantization") or quantization:
         import quantize
         if config.get("quantization"):  # written by quantize.save
             model = quantize.load(folder, device=device, dtype=dtype)
@@ -95,6 +106,25 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
         model = module.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(folder)
     return model, tokenizer, generation_defaults(folder)
+
+
+def open_checkpoint(name_or_path: str, dtype=None):
+    """(folder, config.json as a dict, the model file, the class name, its config, the dtype) of a
+    checkpoint, as the model files' from_pretrained read them: for the add-ons that build a model
+    themselves (quantize.py, parallel.py)."""
+    folder = resolve_checkpoint(name_or_path)
+    raw = read_json(os.path.join(folder, "config.json"))
+    if not raw:
+        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
+    module = model_module(raw.get("model_type"))
+    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
+    if architecture not in module.ARCHITECTURES:
+        raise ValueError(f"{name_or_path} is a {architecture}, which {module.__name__}.py does not build")
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
+    config = config_cls.from_dict(raw)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
+    return folder, raw, module, architecture, config, dtype
 
 
 def generation_defaults(folder: str) -> dict:
@@ -110,6 +140,16 @@ def generation_defaults(folder: str) -> dict:
         "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
         "eos_token_ids": eos,
     }
+
+
+def parallel_run() -> bool:
+    """True in a process that torchrun started as one of several ranks (see parallel.py)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def distributed() -> bool:
+    """True once this process has joined a process group (parallel.init)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def default_device() -> str:
@@ -264,7 +304,10 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
     def pick(logits):  # logits (B, vocab) -> (B,) next tokens
         if penalise:
             logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-        return sample(logits, temperature, top_k, top_p, generator)
+        token = sample(logits, temperature, top_k, top_p, generator)
+        if distributed():  # every rank takes rank 0's token (their samplers' states may differ)
+            torch.distributed.broadcast(token, src=0)
+        return token
 
     model.setup_cache(B, cache_len)
     try:
@@ -386,8 +429,33 @@ def parse_args(argv=None):
     return args
 
 
+QUIET = False  # ranks other than 0 of a torchrun group print nothing
+
+
 def log(message: str):
-    print(message, file=sys.stderr, flush=True)
+    if not QUIET:
+        print(message, file=sys.stderr, flush=True)
+
+
+def group_stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
+    raise GroupStopped("another process of the group stopped; torchrun is ending the rest")
+
+
+def read_line(prompt: str) -> str:
+    """input(); under torchrun rank 0 reads and every rank gets its line (EOFError on all at the end)."""
+    if not distributed():
+        return input(prompt)
+    line = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            line[0] = input(prompt)
+        except EOFError:
+            pass
+    torch.distributed.broadcast_object_list(line, src=0)
+    if line[0] is None:
+        raise EOFError
+    return line[0]
 
 
 class Printer:
@@ -400,7 +468,7 @@ class Printer:
         self.dim = sys.stderr.isatty()
 
     def write(self, text: str):
-        if not text:
+        if not text or QUIET:
             return
         if self.thinking:
             sys.stderr.write(f"\033[2m{text}\033[0m" if self.dim else text)
@@ -439,7 +507,7 @@ def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
             new.append(token)
             printer.push(token)
     except KeyboardInterrupt:
-        if not args.chat:
+        if not args.chat or distributed():  # under torchrun Ctrl-C has ended the other ranks: stop
             raise
         log("\n[answer stopped]")  # Ctrl-C in --chat ends this answer; the conversation goes on
     finally:
@@ -459,6 +527,16 @@ def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
 
 def run(args) -> int:
     device = torch.device(args.device or default_device())
+    if parallel_run():  # torchrun: join the group; rank 0 alone prints and reads the keyboard
+        import parallel
+        device = parallel.init(args.device)
+        if torch.distributed.get_rank() == 0:
+            signal.signal(signal.SIGTERM, group_stopped)  # torchrun ends the others so when one stops
+        else:  # the others end at once and silently (a process waiting in a collective runs no Python)
+            global QUIET
+            QUIET, sys.stdout = True, open(os.devnull, "w")
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
     log(f"loading {args.model} on {device}...")
     t0 = time.perf_counter()
     # On CPU, bfloat16 measured fastest (real 0.5B, 2 cores: decode 1.7x, prefill 2x float32;
@@ -492,12 +570,15 @@ def run(args) -> int:
     if not args.chat:
         answer(model, tokenizer, prompt_ids(args.prompt), settings, args)
         return 0
-    log("chat: type a message, Enter to send; Ctrl-C stops an answer, Ctrl-D quits")
+    log(f"chat: type a message, Enter to send; Ctrl-C {'ends' if distributed() else 'stops an answer'}, "
+        f"Ctrl-D quits")
     first = args.prompt
     while True:
         try:
-            user_text = first if first else input("> ")
-        except (EOFError, KeyboardInterrupt):
+            user_text = first if first else read_line("> ")
+        except (EOFError, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt) and distributed():
+                raise
             log("")
             return 0
         first = None
@@ -514,17 +595,31 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run(parse_args(argv))
-    except (UsageError, ValueError, FileNotFoundError) as e:
+        code = run(parse_args(argv))
+        if distributed():  # all ranks done: leave the group together (not after an error: a rank may be gone)
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return code
+    except (UsageError, ValueError, FileNotFoundError) as e:  # the same on every rank: rank 0 says it
         log(f"error: {e}")
         return 2
     except KeyboardInterrupt:
+        if distributed():  # torchrun, interrupted too, now ends the others: one message is enough
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log("interrupted")
         return 130
+    except GroupStopped as e:
+        log(f"error: {e}")
+        return 1
     except Exception as e:  # never a raw traceback from the CLI
         if os.environ.get("QWEN_DEBUG"):
             raise
-        log(f"error: {type(e).__name__}: {e} (set QWEN_DEBUG=1 to see the traceback)")
+        if distributed() and isinstance(e, torch.distributed.DistError):  # a rank stopped: rank 0 says so
+            log(f"error: another process of the group stopped ({str(e).splitlines()[0]})")
+        elif QUIET:  # an error of this rank alone: it speaks, with its rank
+            print(f"error (rank {torch.distributed.get_rank()}): {type(e).__name__}: {e}", file=sys.stderr)
+        else:
+            log(f"error: {type(e).__name__}: {e} (set QWEN_DEBUG=1 to see the traceback)")
         return 1
 
 

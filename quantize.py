@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import generate
+
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # measured: see docs/quantization.md (accuracy against memory)
@@ -239,6 +241,13 @@ def quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype, group_s
     return Int8Linear(linear, dtype)
 
 
+def replace(parent: nn.Module, name: str, layer: nn.Module):
+    """Put `layer` in the place of parent.<name>. Forward hooks set on the old layer move to the new
+    one: another add-on's work stays (parallel.py gathers a sharded lm_head's logits in one)."""
+    layer._forward_hooks.update(getattr(parent, name)._forward_hooks)
+    setattr(parent, name, layer)
+
+
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
              lm_head: str | None = LM_HEAD) -> nn.Module:
     """Quantize `model` (any class of the three model files) in place and return it.
@@ -254,9 +263,9 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_G
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in LINEAR_NAMES:
-                setattr(module, child_name, quantized_linear(child, scheme, dtype, group_size))
+                replace(module, child_name, quantized_linear(child, scheme, dtype, group_size))
             elif child_name == "lm_head" and isinstance(child, nn.Linear) and lm_head is not None:
-                setattr(module, child_name, quantized_linear(child, lm_head, dtype, group_size))
+                replace(module, child_name, quantized_linear(child, lm_head, dtype, group_size))
         if name.endswith("mlp.experts") and hasattr(module, "gate_up_proj"):
             for stack in ("gate_up_proj", "down_proj"):
                 weight = module._parameters.pop(stack)                      # (E, N, K)
@@ -300,24 +309,6 @@ def save(model: nn.Module, folder: str, source: str):
             shutil.copy(os.path.join(source, name), folder)
 
 
-def checkpoint(name_or_path: str, dtype):
-    """(folder, config.json as a dict, the model file, the class name, its config, the dtype) of a
-    checkpoint, as the model files' from_pretrained reads them."""
-    import generate
-    from tokenizer import read_json, resolve_checkpoint
-    folder = resolve_checkpoint(name_or_path)
-    raw = read_json(os.path.join(folder, "config.json"))
-    module = generate.model_module(raw.get("model_type"))
-    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
-    if architecture not in module.ARCHITECTURES:
-        raise ValueError(f"{name_or_path} is a {architecture}, which {module.__name__}.py does not build")
-    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
-    config = config_cls.from_dict(raw)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
-    return folder, raw, module, architecture, config, dtype
-
-
 def finish(model: nn.Module, module, config, device, source: str) -> nn.Module:
     """Tie lm_head when it is not quantized, check that every tensor arrived, compute the RoPE
     buffer, freeze: ready for inference."""
@@ -342,7 +333,7 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
     in its quantized form loads. Peak memory: the quantized model, plus one tensor (for the MoE files,
     one layer's experts) in full precision."""
     check_scheme(scheme, group_size)
-    folder, raw, module, architecture, config, dtype = checkpoint(name_or_path, dtype)
+    folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):  # the quantized model's structure, no memory yet
         model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head)
@@ -396,7 +387,7 @@ def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
     """Load a folder written by `save`: the model is built, quantized while still empty (on the meta
     device, so nothing is computed), then given the stored tensors."""
     from safetensors.torch import load_file
-    folder, raw, module, architecture, config, dtype = checkpoint(name_or_path, dtype)
+    folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
     settings = raw.get("quantization")
     if not settings:
         raise ValueError(f"{name_or_path} is not a quantized checkpoint (no quantization in its config.json)")
