@@ -204,6 +204,23 @@ def run_ours(model, prompts, new_tokens, compile: bool):
             "peak_memory_gb": generate.peak_memory_gb(device), "warmup_s": warmup_s}
 
 
+def communication_share(model, prompts, new_tokens: int, compile: bool) -> float:
+    """Under torchrun: the share of the decode steps' time that this rank spends in collectives
+    (launching them and waiting for them: all-reduces, the logits' all-gather, the token's broadcast)."""
+    from torch.profiler import ProfilerActivity, profile
+    steps = generate.generate_tokens(model, prompts, new_tokens, compile=compile)
+    next(steps)                                                       # prefill, then profile the decode
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in steps:
+            pass
+        synchronize(model.device)
+        wall = time.perf_counter() - t0
+    waiting = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if e.key.startswith(("c10d::", "_c10d_functional::")))  # microseconds
+    return waiting / 1e6 / wall
+
+
 def run_transformers(hf, prompts, new_tokens):
     device = next(hf.parameters()).device
     x = torch.tensor(prompts, device=device)
@@ -318,6 +335,8 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
     roofline = bandwidth / bytes_per_token * batch_size
     rows = [{"impl": "ours" + (" compiled" if compile else "") + f" ({kernels})",
              **run_ours(model, prompts, new_tokens, compile)}]
+    if generate.distributed():
+        rows[0]["communication_share"] = communication_share(model, prompts, min(new_tokens, 32), compile)
     if peer is not None:
         rows.append(peer(prompts, new_tokens))
 
@@ -332,6 +351,9 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
         print(f"| {r['impl']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
               f"{100 * r['decode_tok_s'] / roofline:.0f}% | {r.get('peak_memory_gb', float('nan')):.2f} | "
               f"{r.get('warmup_s', float('nan')):.1f} |")
+    if "communication_share" in rows[0]:
+        print(f"\ncommunication: {100 * rows[0]['communication_share']:.0f}% of a decode step on rank 0 "
+              f"(time in collectives, from torch.profiler over {min(new_tokens, 32) - 1} steps)")
     print(flush=True)
     if json_path:
         with open(json_path, "a") as f:
@@ -581,6 +603,13 @@ def main(argv=None):
     if args.quantize and args.compare == "transformers":
         raise SystemExit("--compare transformers runs the same weights unquantized: not with --quantize")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if generate.parallel_run():  # torchrun: the model sharded over the ranks (parallel.py); rank 0 reports
+        import parallel
+        if args.compare:
+            raise SystemExit("--compare runs its peer in one process: run it without torchrun")
+        device = parallel.init(args.device)
+        if torch.distributed.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
     folder = None
     if args.model:
         model, _, _ = generate.load(args.model, device=device, dtype=args.dtype, quantization=args.quantize,
@@ -592,11 +621,16 @@ def main(argv=None):
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         preset, name = PRESETS[args.preset], args.preset
         model = random_model(preset, device, dtype)
+        if generate.distributed():  # the same random weights on every rank, then each keeps its share
+            parallel.shard(model, parallel.plan(model.config, torch.distributed.get_rank(),
+                                                torch.distributed.get_world_size()))
     if args.quantize:
         if args.model is None:
             import quantize
             quantize.quantize(model, args.quantize, group_size=args.group_size)
         name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
+    if generate.distributed():
+        name += f" on {torch.distributed.get_world_size()} ranks"
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
                                            args.kernels, bool(args.compare))]

@@ -199,6 +199,8 @@ def test_check_commands_exist():
         words = shlex.split(line, comments=True)
         while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value prefixes
             words.pop(0)
+        if words[:1] == ["torchrun"]:  # torchrun's own options, then the script and its flags
+            words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
         if not words or words[0] not in ("python", "pytest"):
             continue
         if words[:3] == ["python", "-m", "pytest"]:

@@ -304,3 +304,11 @@ def test_a_stopped_rank_or_ctrl_c_ends_every_process_with_one_line(chat_folder, 
     assert len(ours) == 1 and ours[0].startswith(expected), "".join(lines)[-3000:]
     assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
                    for pid in workers.values())
+
+
+def test_bench_under_torchrun_reports_once_with_the_communication_share():
+    proc = torchrun(2, "bench.py", "--preset", "tiny", "--prompt-len", "16", "--new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| ours") == 1 and "tiny on 2 ranks" in proc.stdout, proc.stdout
+    share = re.search(r"communication: (\d+)% of a decode step", proc.stdout)
+    assert share and 0 < int(share[1]) < 100, proc.stdout
