@@ -273,8 +273,34 @@ def on_config(config):
     return config
 
 
+STARTER = os.path.join(ROOT, "docs", "exercises", "starter.py")
+
+
+def answered(path: str) -> list[str]:
+    """The functions of an exercise file that no longer end in `raise NotImplementedError` (a
+    class's __init__ aside): answers, where the starter has stubs."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    done = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name != "__init__":
+            last = node.body[-1]
+            stub = (isinstance(last, ast.Raise) and isinstance(last.exc, ast.Call)
+                    and getattr(last.exc.func, "id", "") == "NotImplementedError")
+            if not stub:
+                done.append(node.name)
+    return done
+
+
 def on_files(files, config):
+    from mkdocs.exceptions import PluginError
     from mkdocs.structure.files import File
+    done = answered(STARTER)
+    if done:  # the site offers the starter for download: never with answers in it
+        raise PluginError(f"docs/exercises/starter.py has answers in it ({', '.join(done)}): the "
+                          f"site would publish them. Keep answers in my_answers.py (python "
+                          f"docs/exercises/starter.py makes it) and restore the starter with git checkout "
+                          f"docs/exercises/starter.py")
     paths, _ = _settings(config)
     for path in paths:
         try:

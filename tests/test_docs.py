@@ -163,7 +163,8 @@ def test_strict_build_fails_on_a_missing_symbol(tmp_path):
 def test_site_builds_strict(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)]
+    # (no -q: it hides the warnings that --strict turns into a failure)
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     page = (site / "walkthrough" / "qwen2" / "index.html").read_text()
@@ -236,7 +237,8 @@ def test_check_commands_exist():
 
 
 def test_every_exercise_page_has_one_check_command():
-    pages = [p for p in PAGES if p.startswith("exercises/") and p != "exercises/index.md"]
+    pages = [p for p in PAGES if p.startswith("exercises/") and p not in ("exercises/index.md",
+                                                                           "exercises/teachers.md")]
     assert len(pages) >= 10
     for page in pages:
         section = read(page).split("## Check", 1)[1].split("\n## ", 1)[0]
@@ -521,11 +523,13 @@ def test_every_checker_has_wrong_answers_tested():
 
 # The check commands themselves, as a student runs them (one pytest process per scenario).
 
-def run_pytest(*args, impl=None):
-    env = {k: v for k, v in os.environ.items() if k not in (_harness.IMPL_ENV, _harness.STRICT_ENV)}
-    env["OMP_NUM_THREADS"] = "1"
-    if impl:
-        env[_harness.IMPL_ENV] = impl
+def run_pytest(*args, impl=_harness.STARTER, **extra_env):
+    """pytest as a student runs it, on `impl` (default the untouched starter, whatever my_answers.py
+    this checkout holds)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in (_harness.IMPL_ENV, _harness.STRICT_ENV, _harness.ALONE_ENV)}
+    env.update(OMP_NUM_THREADS="1", **extra_env)
+    env[_harness.IMPL_ENV] = impl
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     return result.returncode, result.stdout + result.stderr
@@ -537,8 +541,8 @@ CHECKER_FILES = [f"tests/exercises/test_{name}.py" for name in CHECKERS]
 def test_named_checkers_fail_on_the_untouched_starter():
     code, out = run_pytest("tests/exercises/test_rmsnorm.py", "tests/exercises/test_stream_decoder.py")
     assert code == 1 and "2 failed" in out, out
-    assert ("not implemented yet: rms_norm (edit docs/exercises/starter.py; the task is in "
-            "docs/exercises/rmsnorm.md)") in out
+    assert ("not implemented yet: rms_norm (copy the starter with python docs/exercises/starter.py, then "
+            "edit my_answers.py; the task is in docs/exercises/rmsnorm.md)") in out
     assert "not implemented yet: StreamDecoder.push" in out
 
 
@@ -565,3 +569,61 @@ def test_checkers_run_on_a_student_file(tmp_path):
     code, out = run_pytest(*CHECKER_FILES, impl=str(student))
     assert code == 1 and f"1 failed, {len(CHECKERS) - 1} passed" in out, out
     assert "multiply by the weight before casting back to the input dtype" in out
+
+
+WRONG_RMSNORM = (
+    "import torch\n\n"
+    "def rms_norm(x, weight, eps=1e-6):  # eps outside the square root\n"
+    "    x32 = x.float()\n"
+    "    return weight * (x32 / (x32.pow(2).mean(-1, keepdim=True).sqrt() + eps)).to(x.dtype)\n")
+
+
+def test_the_suite_stays_green_whatever_the_student_wrote(tmp_path):
+    """A run that names neither a checker nor tests/exercises (the repository's own suite) does not
+    read the answers: a wrong answer neither fails it nor is reported; named, it fails."""
+    student = tmp_path / "answers.py"
+    student.write_text(WRONG_RMSNORM)
+    code, out = run_pytest("tests", "-k", "exercises and test_rmsnorm", impl=str(student))
+    assert code == 0 and "1 skipped" in out and "exercise checks run when asked" in out, out
+    code, out = run_pytest("tests/exercises", "-k", "test_rmsnorm", impl=str(student))
+    assert code == 1 and "eps is added outside the square root" in out, out
+
+
+def test_alone_mode_refuses_answers_imported_from_the_model_files(tmp_path):
+    copied = tmp_path / "answers.py"
+    copied.write_text("import torch\nfrom qwen2 import RMSNorm\n\n"
+                      "def rms_norm(x, weight, eps=1e-6):\n"
+                      "    norm = RMSNorm(x.shape[-1], eps)\n    norm.weight.data = weight\n"
+                      "    return norm(x)\n")
+    code, out = run_pytest("tests/exercises/test_rmsnorm.py", impl=str(copied))
+    assert code == 0, out  # the answer is right: without the flag it passes
+    code, out = run_pytest("tests/exercises/test_rmsnorm.py", impl=str(copied), QWEN_EXERCISE_ALONE="1")
+    assert code == 1 and "imports qwen2 (line 2): with QWEN_EXERCISE_ALONE=1" in out, out
+    for sneaky in ("import importlib\nm = importlib.import_module('qwen2_moe')\n",
+                   "from tests.exercises import reference\n", "from . import reference\n"):
+        copied.write_text(sneaky)
+        assert _harness.forbidden_import(str(copied)), sneaky
+    copied.write_text(WRONG_RMSNORM)
+    assert _harness.forbidden_import(str(copied)) is None
+
+
+def test_the_starter_makes_the_answer_file_once(tmp_path):
+    target = tmp_path / "my_answers.py"
+    command = [sys.executable, os.path.join(DOCS, "exercises", "starter.py"), str(target)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and target.read_text() == read("exercises/starter.py"), first.stderr
+    target.write_text(WRONG_RMSNORM)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert target.read_text() == WRONG_RMSNORM                                # not overwritten
+
+
+def test_the_site_never_carries_answers(tmp_path):
+    assert hooks.answered(hooks.STARTER) == []                                # the tracked starter: stubs
+    solved = tmp_path / "starter.py"
+    solved.write_text(read("exercises/starter.py").replace(
+        '    raise NotImplementedError("rotate_half")', "    return torch.cat((-x[..., x.shape[-1] // 2:], "
+        "x[..., :x.shape[-1] // 2]), dim=-1)"))
+    assert hooks.answered(str(solved)) == ["rotate_half"]
+    assert "my_answers.py" in open(os.path.join(ROOT, ".gitignore")).read().split()
+    assert "my_answers.py" in open(os.path.join(ROOT, "mkdocs.yml")).read()   # exclude_docs

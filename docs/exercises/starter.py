@@ -1,11 +1,14 @@
 """Exercises: write the functions below, one exercise at a time, and check each with its command.
 
+    python docs/exercises/starter.py              # once: copies these stubs to my_answers.py
     pytest tests/exercises/test_rmsnorm.py        # the command is on each exercise's page
 
-The checker imports this file (or the file named by QWEN_EXERCISE_IMPL) and compares your function
-with the code the model files run, on random inputs in several shapes and dtypes. Each stub raises
-NotImplementedError until you replace its body; an untouched stub is reported as "not implemented
-yet". Only torch is needed; do not import the model files (that would be copying the answer).
+Write your answers in my_answers.py at the repository root (git ignores it; this file stays as it
+is). The checker imports my_answers.py (or the file named by QWEN_EXERCISE_IMPL) and compares your
+function with the code the model files run, on random inputs in several shapes and dtypes. Each
+stub raises NotImplementedError until you replace its body; an untouched stub is reported as "not
+implemented yet". Only torch is needed; do not import the model files (that would be copying the
+answer, and QWEN_EXERCISE_ALONE=1 refuses it).
 
 Shapes use B batch, T new tokens, S key slots, H query heads, KVH key/value heads, D head_dim,
 C hidden size, E experts, K experts per token, I expert width, N tokens (B*T), V vocabulary.
@@ -167,3 +170,17 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype):
 def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q (N, K) int8 and s (N,) -> the approximate weights (N, K) in `dtype`."""
     raise NotImplementedError("dequantize_int8")
+
+
+if __name__ == "__main__":  # python docs/exercises/starter.py [PATH]: copy these stubs to your answer file
+    import os
+    import shutil
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    in_repo = os.path.isfile(os.path.join(root, "qwen2.py"))
+    target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root if in_repo else ".", "my_answers.py")
+    if os.path.exists(target):
+        sys.exit(f"{target} already exists: it holds your answers (delete it to start over)")
+    shutil.copy(__file__, target)
+    print(f"wrote {target}: write your answers there; each exercise page has its check command")

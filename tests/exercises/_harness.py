@@ -1,13 +1,21 @@
 """What every exercise checker shares: finding the student's code, running a check, messages.
 
-The student's code is docs/exercises/starter.py, or the file named by QWEN_EXERCISE_IMPL.
+The student's code is the file named by QWEN_EXERCISE_IMPL, else my_answers.py at the repository
+root (ignored by git; `python docs/exercises/starter.py` creates it from the starter), else the
+untouched starter docs/exercises/starter.py. Answers never live in a tracked file, so `git pull`
+never conflicts and the site (built from docs/) never contains them.
 
-When a stub still raises NotImplementedError (the exercise is not done yet), the checker
-* FAILS with "not implemented yet" when its file was named on the command line, as in the command
-  on each exercise page (`pytest tests/exercises/test_rmsnorm.py`): the student asked for a check;
-* SKIPS, with that reason, in any other run (`pytest`, `pytest tests/exercises`), so the repository's
-  own test suite stays green with the untouched starter.
-QWEN_EXERCISE_STRICT=1 (fail) or 0 (skip) overrides the choice.
+Whether a checker looks at the student's code depends on what the run names:
+* the checker's file (`pytest tests/exercises/test_rmsnorm.py`, the command on each exercise page):
+  the student asked for this check; a stub that still raises NotImplementedError FAILS with
+  "not implemented yet";
+* the folder tests/exercises (`pytest tests/exercises -rs`): every exercise attempted is checked,
+  the others SKIP with that reason;
+* anything else (`pytest`, the repository's own suite): the checkers SKIP without reading the
+  student's file, so the suite stays green whatever a student has solved, or got wrong.
+QWEN_EXERCISE_STRICT=1 (check, fail when not implemented) or 0 (check, skip when not implemented)
+overrides the choice. QWEN_EXERCISE_ALONE=1 refuses an answer file that imports the project's
+model files or transformers (the answer would be copied, not written): for grading.
 
 A check function takes the student's module (any object with the exercise's functions as
 attributes) and raises CheckFailed with a message that says what differs, or NotImplementedError.
@@ -23,7 +31,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTER = os.path.join(ROOT, "docs", "exercises", "starter.py")
-IMPL_ENV, STRICT_ENV = "QWEN_EXERCISE_IMPL", "QWEN_EXERCISE_STRICT"
+ANSWERS = os.path.join(ROOT, "my_answers.py")  # the default answer file (.gitignore lists it)
+EXERCISES = os.path.join(ROOT, "tests", "exercises")
+IMPL_ENV, STRICT_ENV, ALONE_ENV = "QWEN_EXERCISE_IMPL", "QWEN_EXERCISE_STRICT", "QWEN_EXERCISE_ALONE"
+# What an answer may not import under QWEN_EXERCISE_ALONE=1: the project's modules and the oracle.
+FORBIDDEN = {"qwen2", "qwen2_moe", "qwen3_moe", "tokenizer", "generate", "quantize", "parallel", "kernels",
+             "transformers", "reference", "tests"}
 
 
 class CheckFailed(AssertionError):
@@ -41,11 +54,38 @@ def fail(message: str):
 def impl_path() -> str:
     path = os.environ.get(IMPL_ENV)
     if not path:
-        return STARTER
-    for candidate in (os.path.abspath(path), os.path.join(ROOT, path)):
+        return ANSWERS if os.path.isfile(ANSWERS) else STARTER
+    for candidate in (os.path.abspath(os.path.expanduser(path)), os.path.join(ROOT, path)):
         if os.path.isfile(candidate):
             return candidate
     raise FileNotFoundError(f"{IMPL_ENV}={path}: no such file")
+
+
+def forbidden_import(path: str) -> str | None:
+    """The first import of a project module or transformers in the file at `path` (import
+    statements, importlib.import_module / __import__ of a constant name, or loading a file by its
+    path), as "name (line N)"; None when there is none."""
+    import ast
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = ["." if node.level else node.module or ""]
+        elif isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+            called = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if called == "spec_from_file_location":
+                return f"a file by its path (line {node.lineno})"
+            constant = node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value
+            by_name = called in ("import_module", "__import__") and isinstance(constant, str)
+            names = [constant] if by_name else []
+        else:
+            continue
+        for name in names:
+            if name.startswith(".") or name.split(".")[0] in FORBIDDEN:
+                return f"{name} (line {node.lineno})"
+    return None
 
 
 def load(path: str):
@@ -63,23 +103,33 @@ def function(impl, name: str):
     return f
 
 
-def strict(request) -> bool:
-    """Whether an unattempted exercise fails (its checker file was named on the command line)."""
+def mode(request) -> str:
+    """"strict" (check; not implemented fails), "lenient" (check; not implemented skips) or "off"
+    (do not read the student's file), from what the run names (see the module docstring)."""
     env = os.environ.get(STRICT_ENV)
     if env in ("0", "1"):
-        return env == "1"
+        return "strict" if env == "1" else "lenient"
     me = os.path.realpath(str(request.node.path))
     params = request.config.invocation_params
-    for arg in params.args:
-        if not arg.startswith("-") and os.path.realpath(os.path.join(params.dir, arg.split("::")[0])) == me:
-            return True
-    return False
+    named = {os.path.realpath(os.path.join(params.dir, arg.split("::")[0]))
+             for arg in params.args if not arg.startswith("-")}
+    if me in named:
+        return "strict"
+    return "lenient" if os.path.realpath(EXERCISES) in named else "off"
 
 
 def run(request, check, page: str):
     """Run `check` on the student's module; `page` is the exercise's docs page (for messages)."""
+    how = mode(request)
+    if how == "off":
+        this = os.path.relpath(str(request.node.path), ROOT)
+        pytest.skip(f"exercise checks run when asked: pytest {this}, or pytest tests/exercises -rs (all)")
     path = impl_path()
     shown = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
+    copied = forbidden_import(path) if os.environ.get(ALONE_ENV) == "1" and path != STARTER else None
+    if copied:
+        pytest.fail(f"{shown} imports {copied}: with {ALONE_ENV}=1 the answers must be written, not imported "
+                    f"from the model files", pytrace=False)
     try:
         impl = load(path)
     except Exception as e:  # a syntax error or failing import in the student's file
@@ -93,8 +143,10 @@ def run(request, check, page: str):
             missing = str(e) or "a function"
         except CheckFailed as e:
             problem = f"{shown}: {e}"
-        if missing and strict(request):
-            problem = f"not implemented yet: {missing} (edit {shown}; the task is in docs/{page})"
+        edit = (f"edit {shown}" if path != STARTER else
+                "copy the starter with python docs/exercises/starter.py, then edit my_answers.py")
+        if missing and how == "strict":
+            problem = f"not implemented yet: {missing} ({edit}; the task is in docs/{page})"
         elif missing:
             pytest.skip(f"exercise not attempted: {missing} in {shown} still raises NotImplementedError "
                         f"(docs/{page}; run this file alone to check it)")
