@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import types
@@ -158,21 +159,79 @@ def test_strict_build_fails_on_a_missing_symbol(tmp_path):
         build(config)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("material") is None, reason="mkdocs-material is not installed: "
-                    "pip install -e '.[docs]' (CI builds the site with mkdocs build --strict)")
-def test_site_builds_strict(tmp_path):
-    site = tmp_path / "site"
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site, built once as CI builds it: mkdocs build --strict."""
+    if importlib.util.find_spec("material") is None:
+        pytest.skip("mkdocs-material is not installed: pip install -e '.[docs]' (CI builds the site with "
+                    "mkdocs build --strict)")
+    site = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     # (no -q: it hides the warnings that --strict turns into a failure)
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def test_site_builds_strict(site):
     page = (site / "walkthrough" / "qwen2" / "index.html").read_text()
     start = hooks.span("qwen2.py", "RMSNorm")[0]
     assert f'href="../../source/qwen2.py/#__codelineno-0-{start}"' in page     # caption links to the line
     source = (site / "source" / "qwen2.py" / "index.html").read_text()
     assert f'id="__codelineno-0-{start}"' in source                           # ... which has an anchor
     assert (site / "exercises" / "starter.py").is_file()                       # downloadable starter
+    assert not list(site.rglob("my_answers.py"))
+
+
+def test_the_site_loads_nothing_from_another_host(site):
+    """Every script, stylesheet, font and icon comes from the site itself, so the pages render in a
+    classroom without internet; and every page with a diagram carries the vendored Mermaid, which
+    keeps Material from fetching its own from a CDN."""
+    tags = re.compile(r"<(?:script|link|img|iframe|source)\b[^>]*>", re.I)
+    resource = re.compile(r"""rel=["'](?:stylesheet|preload|modulepreload|icon|preconnect|dns-prefetch)""")
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > 20
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        for tag in tags.findall(html):
+            if tag.lower().startswith("<link") and not resource.search(tag):
+                continue  # a hyperlink (canonical, the repository), not something the page loads
+            url = re.search(r"""\b(?:src|href)=["']([^"']*)["']""", tag)
+            external = url and re.match(r"^(https?:)?//", url[1])
+            assert not external, f"{page.relative_to(site)} loads {url[1]}"
+        if 'class="mermaid"' in html:
+            assert "javascripts/vendor/mermaid/mermaid.min.js" in html, page
+    for css in site.rglob("*.css"):
+        assert not re.search(r"(@import|url\()\s*[\"']?(https?:)?//", css.read_text(encoding="utf-8")), css
+    assert (site / "javascripts" / "vendor" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+
+
+CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+PROBE = """<script>
+const attach = Element.prototype.attachShadow;  // Material draws diagrams in closed shadow roots: open them
+Element.prototype.attachShadow = function (init) { return attach.call(this, {...init, mode: "open"}); };
+setInterval(() => {
+  const drawn = [...document.querySelectorAll("div.mermaid")].filter(d => d.shadowRoot?.querySelector("svg"));
+  document.title = `probe mermaid=${drawn.length} math=${document.querySelectorAll("mjx-container").length}`;
+}, 100);
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to render the pages (apt install chromium)")
+def test_a_walkthrough_page_renders_offline_in_chromium(site):
+    """Headless Chromium with every host name unresolvable opens the qwen2.py walkthrough: the
+    diagram is drawn (an SVG) and the formulas typeset, from the site's own files."""
+    page = site / "walkthrough" / "qwen2" / "probe.html"
+    html = (site / "walkthrough" / "qwen2" / "index.html").read_text()
+    page.write_text(html.replace("<head>", "<head>" + PROBE, 1))
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+               "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", page.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>probe mermaid=(\d+) math=(\d+)</title>", result.stdout)
+    assert title, result.stdout[:2000] + result.stderr[-2000:]
+    assert int(title[1]) >= 1 and int(title[2]) >= 1, title[0]
 
 
 # ----------------------------------------------------------------------------------------------
