@@ -182,6 +182,8 @@ def test_site_builds_strict(site):
     assert f'id="__codelineno-0-{start}"' in source                           # ... which has an anchor
     assert (site / "exercises" / "starter.py").is_file()                       # downloadable starter
     assert not list(site.rglob("my_answers.py"))
+    steps = (site / "exercises" / "index.html").read_text().split("How it works", 1)[1].split("</ol>", 1)[0]
+    assert steps.count("<li>") == 3, "a list item merged into the one before (a missing blank line?)"
 
 
 def test_the_site_loads_nothing_from_another_host(site):
