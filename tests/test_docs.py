@@ -13,6 +13,7 @@ import importlib.util
 import io
 import logging
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 DOCS = os.path.join(ROOT, "docs")
+ROOT_DOCS_IMG = pathlib.Path(DOCS) / "img"
 PAGES = sorted(os.path.relpath(p, DOCS) for p in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))
 MARKER = re.compile(r"^<!--\s*docs-test:\s*([\w-]+)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w-]*)")
@@ -688,3 +690,15 @@ def test_the_site_never_carries_answers(tmp_path):
     assert hooks.answered(str(solved)) == ["rotate_half"]
     assert "my_answers.py" in open(os.path.join(ROOT, ".gitignore")).read().split()
     assert "my_answers.py" in open(os.path.join(ROOT, "mkdocs.yml")).read()   # exclude_docs
+
+
+def test_the_figures_script_draws_every_picture(tiny_chat_checkpoint, tmp_path):
+    """docs/figures.py (which drew docs/img/*.svg from the real checkpoint) runs end to end, here on a
+    tiny checkpoint and a 2-step MoE training, and writes well-formed SVG."""
+    import xml.etree.ElementTree as ET
+    figures = load_module("figures", os.path.join(DOCS, "figures.py"))
+    figures.main(["--checkpoint", tiny_chat_checkpoint, "--out", str(tmp_path), "--moe-steps", "2"])
+    for name in ("attention-heads", "rope-wavelengths", "next-token", "moe-routing"):
+        root = ET.parse(tmp_path / f"{name}.svg").getroot()
+        assert root.tag.endswith("svg") and len(root) > 5, name
+        assert (ROOT_DOCS_IMG / f"{name}.svg").is_file(), f"docs/img/{name}.svg is not committed"
