@@ -608,8 +608,8 @@ def main(argv=None):
         if args.compare:
             raise SystemExit("--compare runs its peer in one process: run it without torchrun")
         device = parallel.init(args.device)
-        if torch.distributed.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")
+        if torch.distributed.get_rank() != 0:  # one report: rank 0's
+            sys.stdout, args.json = open(os.devnull, "w"), None
     folder = None
     if args.model:
         model, _, _ = generate.load(args.model, device=device, dtype=args.dtype, quantization=args.quantize,
