@@ -119,12 +119,13 @@ def split(n: int, world: int, rank: int) -> tuple[int, int]:
 
 @dataclass
 class Layout:
-    rank: int
-    world: int
-    head_dim: int
+    """What one rank holds, decided by `plan` from the config alone."""
+    rank: int                    # this process, 0 .. world - 1
+    world: int                   # number of ranks N
+    head_dim: int                # size of one attention head (rows of q/k/v per head)
     heads: tuple[int, int]       # query heads [start, stop) of this rank
     kv_heads: tuple[int, int]    # the key/value heads they use
-    experts: tuple[int, int]     # routed experts [start, stop) (0, 0) without experts
+    experts: tuple[int, int]     # routed experts [start, stop); (0, 0) without experts
     vocab_rows: int              # lm_head rows per rank, ceil(V / N) (the last rank's padded)
 
 
