@@ -312,3 +312,15 @@ def test_bench_under_torchrun_reports_once_with_the_communication_share():
     assert proc.stdout.count("| ours") == 1 and "tiny on 2 ranks" in proc.stdout, proc.stdout
     share = re.search(r"communication: (\d+)% of a decode step", proc.stdout)
     assert share and 0 < int(share[1]) < 100, proc.stdout
+
+
+def test_the_real_checkpoint_answers_the_same_on_two_ranks(real_ckpt):
+    """Qwen2.5-Coder-0.5B-Instruct (14 query heads, 2 key/value heads, 151,936 vocabulary rows) in
+    float32: two ranks print the greedy answer one process prints."""
+    args = ["generate.py", "--model", real_ckpt, "--dtype", "float32", "--temperature", "0",
+            "--max-new-tokens", "24", "--prompt", "Write a Python function that reverses a string."]
+    alone = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    two = torchrun(2, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == alone.stdout and "def" in two.stdout, (alone.stdout, two.stdout)
