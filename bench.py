@@ -335,8 +335,9 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
     roofline = bandwidth / bytes_per_token * batch_size
     rows = [{"impl": "ours" + (" compiled" if compile else "") + f" ({kernels})",
              **run_ours(model, prompts, new_tokens, compile)}]
+    profiled = min(new_tokens, 32)  # tokens of the profiled generation under torchrun
     if generate.distributed():
-        rows[0]["communication_share"] = communication_share(model, prompts, min(new_tokens, 32), compile)
+        rows[0]["communication_share"] = communication_share(model, prompts, profiled, compile)
     if peer is not None:
         rows.append(peer(prompts, new_tokens))
 
@@ -353,7 +354,7 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
               f"{r.get('warmup_s', float('nan')):.1f} |")
     if "communication_share" in rows[0]:
         print(f"\ncommunication: {100 * rows[0]['communication_share']:.0f}% of a decode step on rank 0 "
-              f"(time in collectives, from torch.profiler over {min(new_tokens, 32) - 1} steps)")
+              f"(time in collectives, from torch.profiler over {profiled - 1} steps)")
     print(flush=True)
     if json_path:
         with open(json_path, "a") as f:

@@ -127,6 +127,33 @@ def open_checkpoint(name_or_path: str, dtype=None):
     return folder, raw, module, architecture, config, dtype
 
 
+def check_shape(name: str, shape, expected):
+    """One line when checkpoint tensor `name` has another shape than the config gives it."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"tensor {name} has shape {tuple(shape)}, the config expects {tuple(expected)}")
+
+
+def expert_stack(prefix: str, part: str) -> str:
+    """The stacked parameter that one expert's `part` ("gate", "up" or "down") goes to."""
+    return f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+
+
+def fill_stack(stacks: dict, stack: str, shape, expert: int, part: str, name: str, tensor: torch.Tensor,
+               dtype, device) -> torch.Tensor | None:
+    """Copy one expert's projection (the hub's per-expert layout) into its layer's stack of `shape`
+    (E, N, K): gate rows [0, N/2), up rows [N/2, N), or down. `stacks` holds the stacks being filled
+    (name -> [tensor, pieces still to come]); the stack is returned once its last piece is in."""
+    if stack not in stacks:
+        pieces = shape[0] * (1 if part == "down" else 2)
+        stacks[stack] = [torch.empty(shape, dtype=dtype, device=device), pieces]
+    rows = {"gate": slice(0, shape[1] // 2), "up": slice(shape[1] // 2, None), "down": slice(None)}[part]
+    piece = stacks[stack][0][expert, rows]
+    check_shape(name, tensor.shape, piece.shape)
+    piece.copy_(tensor)
+    stacks[stack][1] -= 1
+    return stacks.pop(stack)[0] if stacks[stack][1] == 0 else None
+
+
 def generation_defaults(folder: str) -> dict:
     """Sampling settings and stop tokens from generation_config.json (greedy when absent)."""
     cfg = read_json(os.path.join(folder, "generation_config.json"))

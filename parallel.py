@@ -344,25 +344,18 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None
                 expert = module.EXPERT_KEY.match(target) if hasattr(module, "EXPERT_KEY") else None
                 if expert:  # one expert's projection (the hub's layout): only this rank's experts are read
                     prefix, e, part = expert[1], int(expert[2]) - layout.experts[0], expert[3]
-                    stack = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-                    E_local, N, K = local[stack].shape
-                    if not 0 <= e < E_local:
+                    stack = generate.expert_stack(prefix, part)
+                    if not 0 <= e < local[stack].shape[0]:
                         continue
-                    if stack not in stacks:
-                        stacks[stack] = [torch.empty(E_local, N, K, dtype=dtype, device=device),
-                                         E_local * (1 if part == "down" else 2)]
-                    rows = {"gate": slice(0, N // 2), "up": slice(N // 2, None), "down": slice(None)}[part]
-                    piece = stacks[stack][0][e, rows]
-                    tensor = f.get_slice(name)[:]
-                    check(name, tensor.shape, piece.shape)
-                    piece.copy_(tensor)
+                    tensor = f.get_tensor(name)
                     model.bytes_read += tensor.nbytes
-                    stacks[stack][1] -= 1
-                    if stacks[stack][1] == 0:
-                        module.set_parameter(model, stack, stacks.pop(stack)[0])
+                    stacked = generate.fill_stack(stacks, stack, local[stack].shape, e, part, name, tensor,
+                                               dtype, device)
+                    if stacked is not None:
+                        module.set_parameter(model, stack, stacked)
                 elif target in local:
                     part, shape = f.get_slice(name), tuple(full[target].shape)
-                    check(name, tuple(part.get_shape()), shape)
+                    generate.check_shape(name, part.get_shape(), shape)
                     tensor, nbytes = read(part, placement(target, shape, layout), shape)
                     model.bytes_read += nbytes
                     module.set_parameter(model, target, tensor.to(device=device, dtype=dtype))
@@ -383,7 +376,3 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None
     decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
     return model.eval()
 
-
-def check(name: str, shape, expected):
-    if tuple(shape) != tuple(expected):
-        raise ValueError(f"tensor {name} has shape {tuple(shape)}, the config expects {tuple(expected)}")

@@ -350,23 +350,20 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
                 expert = module.EXPERT_KEY.match(target) if hasattr(module, "EXPERT_KEY") else None
                 if expert:  # one expert's projection: into its layer's stack, quantized once complete
                     prefix, e, part = expert[1], int(expert[2]), expert[3]
-                    stack = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-                    shape = layers[stack].shape                                 # (E, N, K)
-                    if stack not in experts:  # the stack and how many pieces it still waits for
-                        experts[stack] = [torch.empty(shape, dtype=dtype), shape[0] * (2 - (part == "down"))]
-                    rows = {"gate": slice(0, shape[1] // 2), "up": slice(shape[1] // 2, None),
-                            "down": slice(None)}[part]
-                    piece = experts[stack][0][e, rows]
-                    experts[stack][0][e, rows] = checked(name, f.get_tensor(name), piece.shape)
-                    experts[stack][1] -= 1
-                    if experts[stack][1] == 0:
-                        layers[stack].set_weight(experts.pop(stack)[0].to(device))
+                    stack = generate.expert_stack(prefix, part)
+                    stacked = generate.fill_stack(experts, stack, layers[stack].shape, e, part, name,
+                                               f.get_tensor(name), dtype, "cpu")
+                    if stacked is not None:
+                        layers[stack].set_weight(stacked.to(device))
                 elif target in layers or (owner in layers and leaf == "weight"):  # a quantized weight
                     layer = layers[target if target in layers else owner]
                     shape = layer.shape if target in layers else (layer.out_features, layer.in_features)
-                    layer.set_weight(checked(name, f.get_tensor(name), shape).to(device))
+                    tensor = f.get_tensor(name)
+                    generate.check_shape(name, tensor.shape, shape)
+                    layer.set_weight(tensor.to(device))
                 elif target in params:
-                    tensor = checked(name, f.get_tensor(name), params[target].shape)
+                    tensor = f.get_tensor(name)
+                    generate.check_shape(name, tensor.shape, params[target].shape)
                     tensor = tensor.to(device=device, dtype=dtype)
                     module.set_parameter(model, target, tensor)
                     if tied_head and target.endswith("embed_tokens.weight"):
@@ -375,12 +372,6 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
                     raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
                                      f"does not match its config.json")
     return finish(model, module, config, device, name_or_path)
-
-
-def checked(name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects {tuple(shape)}")
-    return tensor
 
 
 def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
