@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import generate
 import tokenizer
+from kernels import cpu as cpu_kernels
 
 # Published shapes (config.json of each checkpoint), random weights.
 PRESETS = {
@@ -329,6 +330,7 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
     row, on the same random prompts. Prints a header and a Markdown table, appends one JSON line per
     implementation; returns the rows."""
     model.set_kernels(kernels)
+    cpu_kernels.enabled = kernels != "torch"  # torch: torch's matrix products on CPU too
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
     bytes_per_token = decode_bytes_per_token(model, batch_size, prompt_len + new_tokens // 2)
@@ -632,6 +634,7 @@ def main(argv=None):
         name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
     if generate.distributed():
         name += f" on {torch.distributed.get_world_size()} ranks"
+    generate.use_cpu_kernels(model)  # as generate.load does (a preset's model did not go through it)
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
                                            args.kernels, bool(args.compare))]

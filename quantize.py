@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate
+from kernels import cpu as cpu_kernels
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -94,20 +95,19 @@ def dequantize_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: to
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) in [0, 15] -> (N, K/2) uint8 in the layout of torch's CPU int4 kernel
-    (_convert_weight_to_int4pack_for_cpu): blocks of 64 output rows; in each, for input k, the byte
-    at row k // 2, column (k % 2) * 32 + j holds row j in its low nibble and row 32 + j in its high
-    one. Needs N % 64 == 0 (tests/test_quantize.py checks it against torch's own packing)."""
-    N, K = q.shape
-    q = q.to(torch.uint8).view(N // 64, 2, 32, K // 2, 2)                     # (block, half, j, k//2, k%2)
-    return (q[:, 0] | (q[:, 1] << 4)).permute(0, 2, 3, 1).reshape(N, K // 2)
+    """q (..., N, K) in [0, 15], K % 32 == 0 -> (..., N, K/2) uint8, the layout kernels/cpu.cpp reads
+    (llama.cpp's Q4_0 order): each 32 inputs are 16 bytes, byte j holding input j in its low nibble
+    and input 16 + j in its high one, so that one 16-byte load gives 32 consecutive inputs."""
+    *lead, N, K = q.shape
+    q = q.to(torch.uint8).reshape(*lead, N, K // 32, 2, 16)                   # (..., N, K/32, half, j)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*lead, N, K // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_int4: (N, K/2) uint8 -> q (N, K) in [0, 15]."""
-    N, half = packed.shape
-    b = packed.view(N // 64, half, 2, 32).permute(0, 3, 1, 2)                  # (block, j, k // 2, k % 2)
-    return torch.stack((b & 15, b >> 4), dim=1).reshape(N, 2 * half)           # (block, half, j, ...)
+    """The inverse of pack_int4: (..., N, K/2) uint8 -> q (..., N, K) in [0, 15]."""
+    *lead, N, half = packed.shape
+    b = packed.reshape(*lead, N, half // 16, 1, 16)                           # (..., N, K/32, 1, j)
+    return torch.cat((b & 15, b >> 4), dim=-2).reshape(*lead, N, 2 * half)
 
 
 def by_rows(quantizer, w: torch.Tensor, *args, rows: int = 4096):
@@ -143,6 +143,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
+        if x.dtype == self.scales.dtype and cpu_kernels.use(rows):  # kernels/cpu.cpp, bias included
+            y = torch.ops.qwen_cpu.linear_int8(rows.contiguous(), self.qweight, self.scales, self.bias)
+            return y.view(*x.shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == self.scales.dtype and len(rows) < PACKED_ROWS:
             y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)      # (M, N)
         else:  # any device: the int8 matrix in the activation dtype, the scale on the output
@@ -177,15 +180,12 @@ class Int4Linear(nn.Module):
         return F.linear(x, w, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != self.scales.dtype:
-            return self.reference(x)
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
-        scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1)  # (K/G, N, 2)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size,
-                                                         scales_and_zeros.contiguous())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], -1)
+        if x.dtype == self.scales.dtype and cpu_kernels.use(rows):  # kernels/cpu.cpp, bias included
+            y = torch.ops.qwen_cpu.linear_int4(rows.contiguous(), self.qweight, self.scales, self.zeros,
+                                               self.group_size, self.bias)
+            return y.view(*x.shape[:-1], -1)
+        return self.reference(x)  # a prompt: dequantized once per call, then one matrix multiply
 
 
 class QuantizedStack(nn.Module):
@@ -210,14 +210,13 @@ class QuantizedStack(nn.Module):
             self.zeros = torch.empty(0, dtype=self.out_dtype, device=w.device)
         else:
             q, self.scales, self.zeros = quantize_int4(w, self.group_size, self.out_dtype)  # (E, N, K/G) each
-            self.qweight = q[..., 0::2] | (q[..., 1::2] << 4)                   # two per byte: (E, N, K/2)
+            self.qweight = pack_int4(q)                                         # two per byte: (E, N, K/2)
 
     def __getitem__(self, index) -> torch.Tensor:
         q, s = self.qweight[index], self.scales[index]
         if self.scheme == "int8":
             return dequantize_int8(q, s, self.out_dtype)
-        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)                  # (..., N, K) 0..15
-        return dequantize_int4(q, s, self.zeros[index], self.out_dtype)
+        return dequantize_int4(unpack_int4(q), s, self.zeros[index], self.out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,10 +232,10 @@ def check_scheme(scheme: str, group_size: int):
 
 
 def quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype, group_size: int) -> nn.Module:
-    """The quantized replacement of one linear layer. int4 needs K % group_size == 0 and, for the CPU
-    kernel's layout, N % 64 == 0; a layer that is not such keeps int8 (stated in quantize's report)."""
+    """The quantized replacement of one linear layer. int4 needs K % group_size == 0 (whole groups); a
+    layer whose inputs do not divide into groups keeps int8."""
     N, K = linear.weight.shape
-    if scheme == "int4" and K % group_size == 0 and N % 64 == 0:
+    if scheme == "int4" and K % group_size == 0:
         return Int4Linear(linear, dtype, group_size)
     return Int8Linear(linear, dtype)
 

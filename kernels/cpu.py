@@ -1,0 +1,102 @@
+"""CPU matrix-vector kernels for decoding: bf16, int8 and int4 weights (kernels/cpu.cpp).
+
+    from kernels import cpu
+    if cpu.use(x):                                                        # x (M, K), M small
+        y = torch.ops.qwen_cpu.linear_int8(x, qweight, scales, bias)
+
+Decoding reads every weight once per token, so on a CPU it is as fast as its matrix-vector products
+stream the weights from memory. kernels/cpu.cpp does only that, in plain C++ loops that the compiler
+vectorizes. It is built on first use with torch's C++ extension tools (`-O3 -march=native`, about
+40 s, then cached in torch's extension folder, ~/.cache/torch_extensions) and registered as the torch
+ops qwen_cpu.linear_bf16 / linear_int8 / linear_int4, which run inside torch.compile graphs too.
+
+Callers (quantize.py's Int8Linear and Int4Linear, and `Linear` below for bf16 weights) keep torch's
+paths beside the kernels and take them when `use(x)` says False: x not on the CPU, more rows than
+ROWS (a prompt: torch's matrix multiply is faster there), `enabled` set to False (generate.py's
+--kernels torch), QWEN_CPU_KERNELS=0 in the environment, or kernels that could not be built (no C++
+compiler; the reason is in `unavailable_reason`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROWS = 4          # up to this many rows of x (decode steps, small batches); measured in docs/quantization.md
+enabled = True    # False: every caller takes torch's path (generate.py and bench.py --kernels torch)
+unavailable_reason = ""
+_built: bool | None = None
+
+
+def available() -> bool:
+    """Build and load the kernels once; False (with unavailable_reason set) when they cannot be."""
+    global _built, unavailable_reason
+    if _built is None:
+        _built = False
+        if os.environ.get("QWEN_CPU_KERNELS") == "0":
+            unavailable_reason = "QWEN_CPU_KERNELS=0"
+            return False
+        try:
+            from torch.utils.cpp_extension import load
+            source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cpp")
+            # -march=native: vectorized for this CPU. The build is cached by source and flags, so a
+            # home folder shared by different CPUs needs its own TORCH_EXTENSIONS_DIR per machine.
+            load("qwen_cpu_kernels", [source], is_python_module=False, verbose=False,
+                 extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+                 extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, no headers, a failed build: the callers keep torch's paths
+            lines = str(e).strip().splitlines()
+            unavailable_reason = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+            return False
+        _register_fakes()
+        _built = True
+    return _built
+
+
+def use(x: torch.Tensor) -> bool:
+    """Should this call (x (..., K) about to be multiplied) take a CPU kernel?"""
+    return (enabled and x.device.type == "cpu" and x.numel() <= ROWS * x.shape[-1]
+            and available())
+
+
+def use_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Can qwen_cpu.decode_attention take this attention? One query row (B, H, 1, D) over a cache
+    (B, KVH, S, D) on the CPU, head_dim a multiple of 16 up to 256, contiguous along head_dim."""
+    D = q.shape[-1]
+    return (enabled and q.device.type == "cpu" and q.shape[2] == 1 and D % 16 == 0 and D <= 256
+            and q.stride(-1) == k.stride(-1) == 1 and q.dtype == k.dtype and available())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(scale * q K^T) V for q (B, H, 1, D) over the keys of k, v (B, KVH, S, D) that `mask`
+    shows ((B or 1, 1, 1, S) booleans; None: every key), key/value head h // (H / KVH) for query head
+    h: torch's SDPA with enable_gqa and a boolean mask. A row that sees no key gets zeros (SDPA: NaN)."""
+    return torch.ops.qwen_cpu.decode_attention(q, k, v, mask, scale)
+
+
+def _register_fakes():
+    """Shapes for torch.compile, which traces the ops without running them."""
+    def out(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    torch.library.register_fake("qwen_cpu::linear_bf16", lambda x, weight, bias: out(x, weight))
+    torch.library.register_fake("qwen_cpu::linear_int8", lambda x, qweight, scales, bias: out(x, qweight))
+    torch.library.register_fake("qwen_cpu::linear_int4",
+                                lambda x, qweight, scales, zeros, group_size, bias: out(x, qweight))
+    torch.library.register_fake("qwen_cpu::decode_attention",
+                                lambda q, k, v, mask, scale: q.new_empty(q.shape))
+
+
+class Linear(nn.Linear):
+    """nn.Linear with bf16 weights whose decode steps take qwen_cpu.linear_bf16 (same parameters,
+    same results within bf16 rounding); everything else goes to F.linear. generate.py turns a loaded
+    model's bf16 nn.Linear layers into this class on CPU (`use_cpu_kernels`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.bfloat16 and self.weight.is_contiguous() and use(x):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()                            # (M, K)
+            return torch.ops.qwen_cpu.linear_bf16(rows, self.weight, self.bias).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)

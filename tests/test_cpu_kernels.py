@@ -1,0 +1,168 @@
+"""kernels/cpu.cpp: every op against a float64 computation of the same formula, on shapes with
+tails (K not a multiple of 16, N not a multiple of the tile, more rows of x than one pass takes),
+in each activation dtype; the layers and the model files that call the ops; and the fallbacks.
+
+Where a C++ compiler is present the kernels must build (a failed build fails here, it is not
+skipped); without one these tests skip and the callers' torch paths serve."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import generate
+import quantize
+import qwen2
+from kernels import cpu
+
+if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler: the CPU kernels cannot be built here (the torch paths serve)",
+                allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_the_kernels_build():
+    assert cpu.available(), cpu.unavailable_reason
+
+
+def tolerance(dtype, y):
+    """float32 sums in another order; 16-bit outputs are rounded once (half an ulp, 2^-9 for bf16)."""
+    return (1e-5 if dtype == torch.float32 else 2 ** -8) * y.abs().max().item() + 1e-6
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in [(1, 64, 64), (1, 131, 200), (3, 67, 96), (5, 9, 4864 // 16), (9, 130, 64)]:
+        yield M, N, K, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_bf16(dtype):
+    for M, N, K, g in cases():
+        x = torch.randn(M, K, generator=g).to(dtype)
+        w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+        bias = torch.randn(N, generator=g).to(dtype)
+        want = x.double() @ w.double().T + bias.double()
+        for b in (None, bias):
+            got = torch.ops.qwen_cpu.linear_bf16(x, w, b)
+            assert got.dtype == dtype and got.shape == (M, N)
+            torch.testing.assert_close(got.double(), want - (0 if b is not None else bias.double()),
+                                       atol=tolerance(dtype, want), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_int8(dtype):
+    for M, N, K, g in cases():
+        x = torch.randn(M, K, generator=g).to(dtype)
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        s = (torch.rand(N, generator=g) + 0.5).to(dtype)
+        bias = torch.randn(N, generator=g).to(dtype)
+        want = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
+        got = torch.ops.qwen_cpu.linear_int8(x, q, s, bias)
+        torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_int4(dtype, group_size):
+    """w = (q - 8) * s + z per group, with q in pack_int4's layout."""
+    g = torch.Generator().manual_seed(group_size)
+    for M, N in [(1, 64), (3, 67), (6, 5)]:
+        K = 2 * group_size + (128 if group_size < 128 else 0)
+        x = torch.randn(M, K, generator=g).to(dtype)
+        q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        s = (torch.rand(N, K // group_size, generator=g) / 8).to(dtype)
+        z = torch.randn(N, K // group_size, generator=g).to(dtype)
+        w = (q.double().view(N, -1, group_size) - 8) * s.double()[..., None] + z.double()[..., None]
+        want = x.double() @ w.view(N, K).T
+        got = torch.ops.qwen_cpu.linear_int4(x, quantize.pack_int4(q), s, z, group_size, None)
+        torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="the weight has 32 columns, expected 64"):
+        torch.ops.qwen_cpu.linear_bf16(x, torch.zeros(8, 32, dtype=torch.bfloat16), None)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
+        torch.ops.qwen_cpu.linear_int4(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 4),
+                                       torch.ones(8, 4), 16, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.qwen_cpu.linear_int8(torch.randn(64, 2).T, torch.zeros(8, 64, dtype=torch.int8),
+                                       torch.ones(8), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, H, KVH, S, D", [(1, 14, 2, 160, 64), (2, 8, 8, 7, 128), (3, 4, 1, 1, 16)])
+def test_decode_attention_is_sdpa(dtype, B, H, KVH, S, D):
+    """One query row over the first S slots of a longer cache (a strided view), grouped heads."""
+    g = torch.Generator().manual_seed(S)
+    cache_k = torch.randn(B, KVH, S + 5, D, generator=g).to(dtype)
+    cache_v = torch.randn(B, KVH, S + 5, D, generator=g).to(dtype)
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    q = torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2)             # (B, H, 1, D), strided
+    assert cpu.use_attention(q, k)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=D ** -0.5,
+                                          enable_gqa=True)
+    got = cpu.decode_attention(q, k, v, None, D ** -0.5)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
+    # a mask per row (left padding, a window, unused slots of a static cache), and one for all rows
+    for mask in (torch.rand(B, 1, 1, S, generator=g) < 0.6, torch.rand(1, 1, 1, S, generator=g) < 0.6):
+        mask[..., -1] = True  # every row sees at least one key (the model's masks guarantee it)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                              scale=D ** -0.5, enable_gqa=True)
+        got = cpu.decode_attention(q, k, v, mask, D ** -0.5)
+        torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
+
+
+def test_decode_attention_declines_what_it_does_not_do():
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 2, 9, 64)
+    assert not cpu.use_attention(q, k)                                               # two query rows
+    assert not cpu.use_attention(torch.randn(1, 4, 1, 24), torch.randn(1, 2, 9, 24))  # head_dim 24
+    assert cpu.use_attention(q[:, :, :1], k)
+
+
+def tiny_bf16_model(seed=0, **extra):
+    torch.manual_seed(seed)
+    config = qwen2.Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, **extra)
+    return qwen2.Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_model_with_the_kernels_matches_torchs_paths():
+    """A bf16 model whose linear layers were given the kernels (generate.use_cpu_kernels), decoding
+    through its KV cache, gives torch's logits within bf16 rounding and the same greedy tokens."""
+    model = tiny_bf16_model()
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.set_kernels("torch")
+        want = [t.tolist() for t in generate.generate_tokens(model, prompt.tolist(), 12)]
+        want_logits = model(prompt)
+        generate.use_cpu_kernels(model)
+        assert all(type(m) is cpu.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+        model.set_kernels("auto")
+        calls = []
+        real = cpu.decode_attention
+        cpu.decode_attention = lambda *a: calls.append(1) or real(*a)
+        try:
+            got = [t.tolist() for t in generate.generate_tokens(model, prompt.tolist(), 12)]
+        finally:
+            cpu.decode_attention = real
+        assert calls, "the decode steps did not take the CPU attention"
+        model.clear_cache()
+        got_logits = model(prompt[:, :1])
+    assert got == want
+    torch.testing.assert_close(got_logits.float(), want_logits[:, :1].float(), atol=0.05, rtol=0)
+
+
+def test_disabled_kernels_leave_torchs_paths(monkeypatch):
+    """cpu.enabled = False (generate.py --kernels torch): F.linear and SDPA, bit for bit."""
+    plain, kerneled = tiny_bf16_model(), tiny_bf16_model()
+    generate.use_cpu_kernels(kerneled)
+    monkeypatch.setattr(cpu, "enabled", False)
+    x = torch.randint(0, 256, (1, 1))
+    with torch.no_grad():
+        plain.setup_cache(1, 4)
+        kerneled.setup_cache(1, 4)
+        assert torch.equal(plain(x, input_pos=0), kerneled(x, input_pos=0))
