@@ -16,19 +16,22 @@ The arithmetic. A weight matrix W (N outputs, K inputs) is stored as small integ
   int8, symmetric per output channel:
       s[n] = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / s[n]) in [-127, 127]
       W[n, k] ~ q[n, k] * s[n]
-  int4, asymmetric per group of G consecutive inputs (tinygemm's convention, so torch's kernels
-  take it as it is):
+  int4, asymmetric per group of G consecutive inputs (tinygemm's convention):
       for the group g of row n: lo = min W, hi = max W over its G weights,
       s[n, g] = (hi - lo) / 15,   q[n, k] = round((W[n, k] - lo) / s[n, g]) in [0, 15]
       W[n, k] ~ (q[n, k] - 8) * s[n, g] + z[n, g],   with z[n, g] = lo + 8 * s[n, g]
+  two per byte in llama.cpp's Q4_0 order (pack_int4), which kernels/cpu.cpp reads 32 at a time.
 Scales (and zero points) are kept in the activation dtype. Error: at most half a step, s / 2, per
 weight; int4's step is about 17 times int8's for the same spread, hence the groups.
 
 Each layer has a plain reference (dequantize the whole matrix, then F.linear) that always works,
-and fast paths beside it, tested equal to it: on CPU torch's packed kernels (_weight_int8pack_mm,
-_weight_int4pack_mm_for_cpu); elsewhere int8 multiplies by the int8 matrix cast to the activation
-dtype and scales the output (x @ q^T * s = x @ (q * s)^T), which torch.compile fuses; int4 off the
-CPU dequantizes (no fused CUDA int4 path yet).
+and fast paths beside it, tested equal to it. On CPU: for a decode step (a few rows), the
+matrix-vector kernels of kernels/cpu.cpp (25-33 GB/s here, where torch's int8 kernel reads 15);
+for a prompt, int8 multiplies by the int8 matrix cast to the activation dtype and scales the output
+(x @ q^T * s = x @ (q * s)^T), int4 dequantizes once per call in C++ and multiplies; where the C++
+kernels cannot be built, torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (int4 on a
+copy repacked once in torch's layout). Elsewhere int8 takes the cast-and-scale path, which
+torch.compile fuses, and int4 dequantizes (no fused CUDA int4 path yet).
 """
 from __future__ import annotations
 
@@ -181,11 +184,30 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
-        if x.dtype == self.scales.dtype and cpu_kernels.use(rows):  # kernels/cpu.cpp, bias included
+        if x.dtype != self.scales.dtype or x.device.type != "cpu":
+            return self.reference(x)
+        if cpu_kernels.use(rows):  # a decode step: kernels/cpu.cpp's matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int4(rows.contiguous(), self.qweight, self.scales, self.zeros,
                                                self.group_size, self.bias)
-            return y.view(*x.shape[:-1], -1)
-        return self.reference(x)  # a prompt: dequantized once per call, then one matrix multiply
+        elif cpu_kernels.usable(rows):  # a prompt: the matrix dequantized once, then one matrix multiply
+            w = torch.ops.qwen_cpu.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
+            y = F.linear(rows, w, self.bias)
+        elif self.out_features % 64 == 0:  # no C++ kernels here (or --kernels torch): torch's int4 kernel
+            packed, scales_and_zeros = self.torch_layout()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scales_and_zeros)
+            y = y if self.bias is None else y + self.bias
+        else:
+            return self.reference(x)
+        return y.view(*x.shape[:-1], -1)
+
+    def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights in the layout of torch's own CPU int4 kernel, (packed, scales_and_zeros): made at
+        the first call and kept (a second copy of the weights), for machines without kernels/cpu.cpp."""
+        if getattr(self, "_torch_layout", None) is None:
+            q = unpack_int4(self.qweight).to(torch.int32)                        # (N, K) 0..15
+            self._torch_layout = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+                                  torch.stack((self.scales, self.zeros), -1).transpose(0, 1).contiguous())
+        return self._torch_layout
 
 
 class QuantizedStack(nn.Module):

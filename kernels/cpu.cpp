@@ -179,7 +179,7 @@ inline void tile_dots_int4_bf16(const uint8_t* q, int64_t K, int64_t G, const fl
   const __m512i lane_groups = _mm512_load_si512(lane_group);
   for (int64_t k = 0; k < K; k += 128) {
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(q + (R + r) * row_bytes + k / 2, 0, 2);
+      __builtin_prefetch(q + (2 * R + r) * row_bytes + k / 2, 0, 2);  // two tiles on: int4 rows are short
       const __m512i v = _mm512_loadu_si512(q + r * row_bytes + k / 2);
       const __m512bh w0 = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, nibble), bf16_128);
       const __m512bh w1 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), bf16_128);
@@ -352,12 +352,12 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& q, const at::
         for (int r = 0; r < R; ++r) {
           const float* cr = c + r * groups;
           const float* xs = xsum.data() + (m0 + i) * groups;
-          f32x16 dot = {};
-          int64_t g = 0;
-          for (; g + LANES <= groups; g += LANES) dot += load<f32x16>(cr + g) * load<f32x16>(xs + g);
-          float extra = total(dot);
-          for (; g < groups; ++g) extra += cr[g] * xs[g];
-          sums[i][r] += extra;
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t g = 0; g < groups; g += LANES) {  // the last 16 masked
+            const __mmask16 in = groups - g >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+            dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, cr + g), _mm512_maskz_loadu_ps(in, xs + g), dot);
+          }
+          sums[i][r] += _mm512_reduce_add_ps(dot);
         }
     };
     return run_tiles<T>(x, q.size(0), bias, tile, [](int64_t) { return 1.f; });
@@ -375,6 +375,42 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& q, const at::
     });
   };
   return run_tiles<T>(x, q.size(0), bias, tile, [](int64_t) { return 1.f; });
+}
+
+// ------------------------------------------------------------------------------------------------
+// int4 weights back to a matrix (N, K) in the scales' dtype, for a prompt: one dequantization per
+// call, then torch's matrix multiply, which is far faster than matrix-vector products for many rows.
+// ------------------------------------------------------------------------------------------------
+
+inline void store(float* out, f32x16 v) { std::memcpy(out, &v, sizeof v); }
+inline void store(at::Half* out, f32x16 v) {
+  for (int l = 0; l < LANES; ++l) out[l] = at::Half(v[l]);
+}
+inline void store(at::BFloat16* out, f32x16 v) {  // rounded to nearest even, as torch rounds
+  const u32x16 bits = (u32x16)v;
+  const u32x16 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  const u16x16 halves = __builtin_convertvector(rounded, u16x16);
+  std::memcpy(out, &halves, sizeof halves);
+}
+
+template <typename T>
+at::Tensor dequantize_int4_impl(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t G) {
+  const int64_t N = q.size(0), K = 2 * q.size(1), groups = K / G;
+  at::Tensor w = at::empty({N, K}, scales.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const T *sp = scales.data_ptr<T>(), *zp = zeros.data_ptr<T>();
+  T* wp = w.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < K; k += 2 * LANES) {  // w = q * s + (z - 8 s), 32 inputs at a time
+        const float sg = static_cast<float>(sp[n * groups + k / G]);
+        const float cg = static_cast<float>(zp[n * groups + k / G]) - 8.f * sg;
+        const u8x16 b = load<u8x16>(qp + n * (K / 2) + k / 2);
+        store(wp + n * K + k, uint8_to_floats(b & 15) * sg + cg);
+        store(wp + n * K + k + LANES, uint8_to_floats(b >> 4) * sg + cg);
+      }
+  });
+  return w;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -514,12 +550,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return by_dtype(q, [&](auto t) { return decode_attention_impl<decltype(t)>(q, k, v, mask, scale); });
 }
 
+at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                           int64_t group_size) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kByte &&
+              qweight.device().is_cpu(), "qweight must be a contiguous (N, K/2) uint8 CPU matrix");
+  const int64_t K = 2 * qweight.size(1);
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "the group size must be a multiple of 32 that divides K");
+  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && zeros.scalar_type() == scales.scalar_type() &&
+              scales.numel() == qweight.size(0) * (K / group_size) && zeros.numel() == scales.numel(),
+              "the scales and zeros must be (N, K / group size), in one dtype");
+  return by_dtype(scales, [&](auto t) { return dequantize_int4_impl<decltype(t)>(qweight, scales, zeros, group_size); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwen_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
@@ -527,5 +576,6 @@ TORCH_LIBRARY_IMPL(qwen_cpu, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize_int4", &dequantize_int4);
   m.impl("decode_attention", &decode_attention);
 }

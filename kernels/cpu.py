@@ -55,18 +55,22 @@ def available() -> bool:
     return _built
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Can the kernels take x: on the CPU, switched on and built?"""
+    return enabled and x.device.type == "cpu" and available()
+
+
 def use(x: torch.Tensor) -> bool:
-    """Should this call (x (..., K) about to be multiplied) take a CPU kernel?"""
-    return (enabled and x.device.type == "cpu" and x.numel() <= ROWS * x.shape[-1]
-            and available())
+    """Should this product (x (..., K) times a weight) take a matrix-vector kernel: a few rows?"""
+    return x.numel() <= ROWS * x.shape[-1] and usable(x)
 
 
 def use_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Can qwen_cpu.decode_attention take this attention? One query row (B, H, 1, D) over a cache
     (B, KVH, S, D) on the CPU, head_dim a multiple of 16 up to 256, contiguous along head_dim."""
     D = q.shape[-1]
-    return (enabled and q.device.type == "cpu" and q.shape[2] == 1 and D % 16 == 0 and D <= 256
-            and q.stride(-1) == k.stride(-1) == 1 and q.dtype == k.dtype and available())
+    return (q.shape[2] == 1 and D % 16 == 0 and D <= 256 and q.stride(-1) == k.stride(-1) == 1
+            and q.dtype == k.dtype and usable(q))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -86,6 +90,8 @@ def _register_fakes():
     torch.library.register_fake("qwen_cpu::linear_int8", lambda x, qweight, scales, bias: out(x, qweight))
     torch.library.register_fake("qwen_cpu::linear_int4",
                                 lambda x, qweight, scales, zeros, group_size, bias: out(x, qweight))
+    torch.library.register_fake("qwen_cpu::dequantize_int4", lambda qweight, scales, zeros, group_size:
+                                scales.new_empty(qweight.shape[0], 2 * qweight.shape[1]))
     torch.library.register_fake("qwen_cpu::decode_attention",
                                 lambda q, k, v, mask, scale: q.new_empty(q.shape))
 

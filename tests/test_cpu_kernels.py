@@ -80,6 +80,27 @@ def test_linear_int4(dtype, group_size):
         torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_int4_is_quantizes(dtype):
+    """The prompt path's dequantization gives quantize.dequantize_int4's matrix."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (10, 128), generator=g, dtype=torch.uint8)
+    s, z = (torch.rand(10, 4, generator=g) / 8).to(dtype), torch.randn(10, 4, generator=g).to(dtype)
+    got = torch.ops.qwen_cpu.dequantize_int4(quantize.pack_int4(q), s, z, 32)
+    torch.testing.assert_close(got, quantize.dequantize_int4(q, s, z, dtype), atol=0, rtol=2 ** -8)
+
+
+def test_int4_layer_without_the_kernels_takes_torchs_int4_kernel(monkeypatch):
+    """No kernels (no compiler, or --kernels torch): torch's own int4 kernel on the weights repacked
+    in its layout once, still equal to the reference."""
+    layer = quantize.Int4Linear(torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16), torch.bfloat16, 32)
+    monkeypatch.setattr(cpu, "enabled", False)
+    x = torch.randn(1, 2, 256, dtype=torch.bfloat16)
+    got, want = layer(x), layer.reference(x)
+    assert layer._torch_layout is not None
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2 * want.abs().max().item(), rtol=0)
+
+
 def test_bad_arguments_are_refused():
     x = torch.randn(1, 64)
     with pytest.raises(RuntimeError, match="the weight has 32 columns, expected 64"):
