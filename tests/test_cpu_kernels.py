@@ -187,3 +187,17 @@ def test_disabled_kernels_leave_torchs_paths(monkeypatch):
         plain.setup_cache(1, 4)
         kerneled.setup_cache(1, 4)
         assert torch.equal(plain(x, input_pos=0), kerneled(x, input_pos=0))
+
+
+def test_real_checkpoint_answers_the_same_with_the_kernels(real_ckpt, monkeypatch):
+    """The real 0.5B in bf16 (generate.load: the kernels on): the greedy answers of torch's paths."""
+    model, tok, _ = generate.load(real_ckpt, device="cpu", dtype="bfloat16")
+    stop = {tok.token_id("<|im_end|>")}
+    for question in ("Write a Python function that adds two numbers.", "What is a hash table?",
+                     "Name three prime numbers."):
+        prompt = tok.encode_chat([{"role": "user", "content": question}])
+        got = list(generate.generate(model, prompt, 32, stop_ids=stop))
+        monkeypatch.setattr(cpu, "enabled", False)
+        want = list(generate.generate(model, prompt, 32, stop_ids=stop))
+        monkeypatch.setattr(cpu, "enabled", True)
+        assert got == want, question

@@ -137,38 +137,39 @@ def test_whole_models_stay_close_and_every_path_agrees(tmp_path, arch, scheme):
 
 @pytest.fixture(scope="module")
 def real(real_ckpt):
-    import os
-
+    """The real checkpoint and 1,536 tokens of tests/data/python-reference.txt (see its README)."""
     from tokenizer import Tokenizer
-    text = open(os.path.join(os.path.dirname(__file__), "data", "apache-2.0.txt")).read()
+    text = open(os.path.join(os.path.dirname(__file__), "data", "python-reference.txt")).read()
     tok = Tokenizer(real_ckpt)
     return real_ckpt, tok, tok.encode(text)[:1536]
 
 
 def test_int8_on_the_real_checkpoint(real):
-    """int8 moves perplexity by at most 1.5% on a fixed text (measured: +1.0%) and keeps greedy
+    """int8 moves perplexity by at most 1% on a fixed text (measured: +0.0%) and keeps greedy
     answers."""
     import generate
     folder, tok, ids = real
     reference = qwen2.from_pretrained(folder, dtype=torch.bfloat16)
     quantized = quantize.quantize(qwen2.from_pretrained(folder, dtype=torch.bfloat16), "int8")
     r = quantize.compare(reference, quantized, ids)
-    assert r["ppl_quantized"] < 1.015 * r["ppl_reference"] and r["greedy_agreement"] > 0.95, r
-    prompt = tok.encode_chat([{"role": "user", "content": "Write a Python function that adds two numbers."}])
-    want = list(generate.generate(reference, prompt, 16))
-    assert list(generate.generate(quantized, prompt, 16)) == want
+    assert r["ppl_quantized"] < 1.01 * r["ppl_reference"] and r["greedy_agreement"] > 0.95, r
+    stop = {tok.token_id("<|im_end|>")}
+    for question in ("Write a Python function that adds two numbers.", "What is a hash table?",
+                     "Name three prime numbers.", "Write a haiku about the sea."):
+        prompt = tok.encode_chat([{"role": "user", "content": question}])
+        want = list(generate.generate(reference, prompt, 32, stop_ids=stop))
+        assert list(generate.generate(quantized, prompt, 32, stop_ids=stop)) == want
     assert quantize.weight_bytes(quantized) < 0.65 * quantize.weight_bytes(reference)
 
 
 def test_int4_on_the_real_checkpoint(real):
-    """int4 (group 32) with an int8 lm_head: measured +16% perplexity on this text; the bound is set
-    where a wrong axis, a sign error in the zero points or a transposed group would fail (they move
-    it by far more than 2x)."""
+    """int4 (group 32) with an int8 lm_head: within 6% of bf16's perplexity (measured: +5.3%). A wrong
+    axis, a sign error in the zero points or a transposed group move it by far more than 2x."""
     folder, tok, ids = real
     reference = qwen2.from_pretrained(folder, dtype=torch.bfloat16)
     quantized = quantize.quantize(qwen2.from_pretrained(folder, dtype=torch.bfloat16), "int4", 32)
-    r = quantize.compare(reference, quantized, ids[:768])
-    assert r["ppl_quantized"] < 1.3 * r["ppl_reference"] and r["greedy_agreement"] > 0.8, r
+    r = quantize.compare(reference, quantized, ids)
+    assert r["ppl_quantized"] < 1.06 * r["ppl_reference"] and r["greedy_agreement"] > 0.85, r
 
 
 def test_generate_cli_quantizes(tiny_chat_checkpoint, capsys):
