@@ -590,6 +590,8 @@ def run(args) -> int:
                                       group_size=args.group_size)
     model.set_kernels(args.kernels)
     cpu_kernels.enabled = args.kernels != "torch"  # --kernels torch: torch's own matrix products too
+    if device.type == "cpu" and cpu_kernels.enabled and not cpu_kernels.available():  # built here, once
+        log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template
     stop_ids = set(defaults["eos_token_ids"])
