@@ -30,6 +30,7 @@ unavailable_reason = ""
 _built: bool | None = None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: run (and build) while tracing, kept as a constant
 def available() -> bool:
     """Build and load the kernels once; False (with unavailable_reason set) when they cannot be."""
     global _built, unavailable_reason
