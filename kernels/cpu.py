@@ -42,9 +42,9 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
             source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cpp")
-            # -march=native: vectorized for this CPU. The build is cached by source and flags, so a
-            # home folder shared by different CPUs needs its own TORCH_EXTENSIONS_DIR per machine.
-            load("qwen_cpu_kernels", [source], is_python_module=False, verbose=False,
+            # -march=native: vectorized for this CPU, so the cached build is named after the CPU too
+            # (a home folder shared by machines with other CPUs must not load it: illegal instructions).
+            load(build_name(), [source], is_python_module=False, verbose=False,
                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
                  extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no headers, a failed build: the callers keep torch's paths
@@ -54,6 +54,20 @@ def available() -> bool:
         _register_fakes()
         _built = True
     return _built
+
+
+def build_name() -> str:
+    """The extension's name, with a fingerprint of the CPU it is compiled for: its architecture and,
+    on Linux, its instruction-set flags (the build uses every one of them)."""
+    import hashlib
+    import platform
+    cpu = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return "qwen_cpu_kernels_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -26,6 +26,15 @@ def test_the_kernels_build():
     assert cpu.available(), cpu.unavailable_reason
 
 
+def test_the_build_is_named_after_the_cpu(monkeypatch):
+    """-march=native code must not be loaded on another CPU from a shared cache."""
+    import platform
+    here = cpu.build_name()
+    assert here.startswith("qwen_cpu_kernels_") and here == cpu.build_name()
+    monkeypatch.setattr(platform, "machine", lambda: "another-machine")
+    assert cpu.build_name() != here
+
+
 def tolerance(dtype, y):
     """float32 sums in another order; 16-bit outputs are rounded once (half an ulp, 2^-9 for bf16)."""
     return (1e-5 if dtype == torch.float32 else 2 ** -8) * y.abs().max().item() + 1e-6
