@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 import generate
 import tokenizer
-from kernels import cpu as cpu_kernels
 
 # Published shapes (config.json of each checkpoint), random weights.
 PRESETS = {
@@ -329,8 +328,7 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
     """Time one workload: our model, and `peer` (None: none), a function (prompts, new_tokens) -> its
     row, on the same random prompts. Prints a header and a Markdown table, appends one JSON line per
     implementation; returns the rows."""
-    model.set_kernels(kernels)
-    cpu_kernels.enabled = kernels != "torch"  # torch: torch's matrix products on CPU too
+    generate.set_kernels(model, kernels)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
     bytes_per_token = decode_bytes_per_token(model, batch_size, prompt_len + new_tokens // 2)

@@ -120,6 +120,14 @@ def use_cpu_kernels(model):
             layer.__class__ = cpu_kernels.Linear
 
 
+def set_kernels(model, kernels: str):
+    """Choose the implementation: the model's attention and experts (its set_kernels) and, with
+    "torch", torch's own matrix products on CPU too instead of kernels/cpu.cpp's (a process-wide
+    switch, kernels.cpu.enabled: the linear layers do not know their model)."""
+    model.set_kernels(kernels)
+    cpu_kernels.enabled = kernels != "torch"
+
+
 def open_checkpoint(name_or_path: str, dtype=None):
     """(folder, config.json as a dict, the model file, the class name, its config, the dtype) of a
     checkpoint, as the model files' from_pretrained read them: for the add-ons that build a model
@@ -588,8 +596,7 @@ def run(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
                                       group_size=args.group_size)
-    model.set_kernels(args.kernels)
-    cpu_kernels.enabled = args.kernels != "torch"  # --kernels torch: torch's own matrix products too
+    set_kernels(model, args.kernels)
     if device.type == "cpu" and cpu_kernels.enabled and not cpu_kernels.available():  # built here, once
         log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")

@@ -333,16 +333,16 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& q, const at::
       // the tile's scales as floats and c = z - 136 s, (R, K/G), 16 at a time where they fill a vector
       float s[ROWS * MAX_GROUPS + LANES], c[ROWS * MAX_GROUPS];  // (+ LANES: read 16 at a time)
       const int64_t n = R * groups, first = n0 * groups;
-      int64_t i = 0;
-      for (; i + LANES <= n; i += LANES) {
-        const f32x16 sv = bf16_to_floats(s16 + first + i);
-        std::memcpy(s + i, &sv, sizeof sv);
-        const f32x16 cv = bf16_to_floats(z16 + first + i) - 136.f * sv;
-        std::memcpy(c + i, &cv, sizeof cv);
+      int64_t j = 0;
+      for (; j + LANES <= n; j += LANES) {
+        const f32x16 sv = bf16_to_floats(s16 + first + j);
+        std::memcpy(s + j, &sv, sizeof sv);
+        const f32x16 cv = bf16_to_floats(z16 + first + j) - 136.f * sv;
+        std::memcpy(c + j, &cv, sizeof cv);
       }
-      for (; i < n; ++i) {
-        s[i] = bf16_to_float(s16[first + i]);
-        c[i] = bf16_to_float(z16[first + i]) - 136.f * s[i];
+      for (; j < n; ++j) {
+        s[j] = bf16_to_float(s16[first + j]);
+        c[j] = bf16_to_float(z16[first + j]) - 136.f * s[j];
       }
       for_tile(R, X, [&](auto r, auto xr) {
         tile_dots_int4_bf16<decltype(r)::value, decltype(xr)::value>(qp + n0 * (K / 2), K, G, s,

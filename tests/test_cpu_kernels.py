@@ -160,7 +160,7 @@ def tiny_bf16_model(seed=0, **extra):
     return qwen2.Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
 
 
-def test_model_with_the_kernels_matches_torchs_paths():
+def test_model_with_the_kernels_matches_torchs_paths(monkeypatch):
     """A bf16 model whose linear layers were given the kernels (generate.use_cpu_kernels), decoding
     through its KV cache, gives torch's logits within bf16 rounding and the same greedy tokens."""
     model = tiny_bf16_model()
@@ -174,11 +174,8 @@ def test_model_with_the_kernels_matches_torchs_paths():
         model.set_kernels("auto")
         calls = []
         real = cpu.decode_attention
-        cpu.decode_attention = lambda *a: calls.append(1) or real(*a)
-        try:
-            got = [t.tolist() for t in generate.generate_tokens(model, prompt.tolist(), 12)]
-        finally:
-            cpu.decode_attention = real
+        monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or real(*a))
+        got = [t.tolist() for t in generate.generate_tokens(model, prompt.tolist(), 12)]
         assert calls, "the decode steps did not take the CPU attention"
         model.clear_cache()
         got_logits = model(prompt[:, :1])
