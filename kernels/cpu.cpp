@@ -459,8 +459,10 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
       f32x16 qv[MAX_HEAD_DIM / LANES], acc[MAX_HEAD_DIM / LANES] = {};
       for (int64_t j = 0; j < vecs; ++j) qv[j] = floats16(qrow + j * LANES) * float(scale);
       const bool* seen = visible ? visible + b * mask_batch_stride : nullptr;
+      int64_t keys_end = S;  // past the last visible key (a static cache's unused tail is skipped whole)
+      while (seen && keys_end > 0 && !seen[(keys_end - 1) * mask_key_stride]) --keys_end;
       float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {                   // scores = scale * K q; hidden keys: -inf
+      for (int64_t s = 0; s < keys_end; ++s) {            // scores = scale * K q; hidden keys: -inf
         if (seen && !seen[s * mask_key_stride]) {
           scores[s] = -INFINITY;
           continue;
@@ -471,11 +473,11 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
         top = std::max(top, scores[s]);
       }
       float sum = 0.f;
-      for (int64_t s = 0; s < S; ++s) {                   // softmax numerators
+      for (int64_t s = 0; s < keys_end; ++s) {            // softmax numerators
         scores[s] = scores[s] == -INFINITY ? 0.f : std::exp(scores[s] - top);
         sum += scores[s];
       }
-      for (int64_t s = 0; s < S; ++s)                     // out = sum_s p_s V_s
+      for (int64_t s = 0; s < keys_end; ++s)              // out = sum_s p_s V_s
         if (scores[s] != 0.f)
           for (int64_t j = 0; j < vecs; ++j) acc[j] += scores[s] * floats16(values + s * value_stride + j * LANES);
       if (sum == 0.f) sum = 1.f;  // no visible key (a padding row, never read): zeros

@@ -82,6 +82,28 @@ def test_compiled_decode_gives_the_same_tokens():
     assert compiled == eager
 
 
+def test_compiled_decode_follows_changes_to_the_model():
+    """The compiled step skips dynamo's per-call checks of the modules (generate.compiled_decode_step),
+    so a model changed after a compilation (quantized, other kernels) must get a step of its own,
+    never the old one (which read the replaced layers' weights: a KeyError or wrong tokens)."""
+    pytest.importorskip("torch._inductor")
+    quantize = pytest.importorskip("quantize")
+    model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32, seed=3)
+    prompts = [[5, 17, 99, 3]]
+    try:
+        compiled = generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
+    except Exception as e:  # no C++ compiler for inductor on this machine
+        pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
+    assert compiled == generate.generate_batch(model, prompts, 6, temperature=0)
+    quantize.quantize(model, "int8")
+    assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
+            == generate.generate_batch(model, prompts, 6, temperature=0))
+    model.set_kernels("reference")
+    assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
+            == generate.generate_batch(model, prompts, 6, temperature=0))
+    assert len(model._compiled_decode_steps) == 3
+
+
 def test_static_cache_len_buckets():
     assert generate.static_cache_len(5, 64) == 64  # a tiny context: the whole context
     assert generate.static_cache_len(100, 32768) == 1024
