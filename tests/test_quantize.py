@@ -225,6 +225,39 @@ def test_quantized_folder_through_generate(tiny_chat_checkpoint, tmp_path, capsy
     assert "does not match its config.json and quantization" in capsys.readouterr().err
 
 
+def test_read_safetensors_reads_what_safetensors_wrote(tmp_path):
+    """The streaming reader (each tensor into memory of its own) against safetensors' own writer."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(7, generator=g),
+               "h": torch.randn(2, 2, 2, generator=g).half(),
+               "i8": torch.randint(-128, 127, (9,), dtype=torch.int8),
+               "mask": torch.rand(4, generator=g) > 0.5, "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    read = dict(quantize.read_safetensors(str(tmp_path / "t.safetensors")))
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_checkpoint_quantized_while_loading_is_one_line(tmp_path, tiny_chat_checkpoint, damage,
+                                                                capsys):
+    import shutil
+
+    import generate
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_chat_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a safetensors file" * 10)
+    assert generate.main(["--model", str(bad), "--quantize", "int8", "--prompt", "hi"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {weights} is damaged or incomplete")
+    assert "download or copy it again" in line
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("arch", sorted(MODELS))
