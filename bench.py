@@ -373,7 +373,7 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
 
 KERNELS_DOC = """GPU micro-benchmark of the Triton kernels against torch, bf16, real Qwen shapes.
 
-    python bench.py kernels [--json results.json] [--only prefill|decode|moe]
+    python bench.py kernels [--json results.json] [--only prefill|decode|moe|int4]
     TRITON_INTERPRET=1 python bench.py kernels --tiny      # smoke test on CPU, tiny shapes
 
 Rows (each with its goal beside it):
@@ -385,6 +385,10 @@ Rows (each with its goal beside it):
            default experts implementation (grouped_mm), 1 / 16 / 512 tokens, Qwen1.5-MoE and
            Qwen3-30B-A3B (goal: 2x the torch fast path at 1 token, 1.5x at 512);
            GB/s = bytes of the routed experts' weights / time
+  int4     linear_int4 (weight-only int4, group 32, quantize.py's layout) vs the bf16 matmul of the
+           same layer, Qwen2-7B's MLP shapes, 1 / 16 / 512 rows (goal: 2.5x bf16 at 1 row, where the
+           weights' bytes decide: int4 with its scales and zero points is 0.31 of bf16's);
+           GB/s = int4 bytes / time
 Times are medians of triton.testing.do_bench (L2 flushed between runs). "max diff" is the largest
 absolute difference between the kernel's output and the baselines' (a sanity check, not a
 precision test).
@@ -395,9 +399,11 @@ KERNEL_SHAPES = dict(
     attn={"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)},  # H, KVH, D
     moe={"qwen1.5-moe-a2.7b": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)},  # E, K, Hd, I
     prefill_lens=(2048, 8192), decode_lens=(4096, 32768), moe_tokens=(1, 16, 512),
+    int4={"qwen2-7b gate": (18944, 3584), "qwen2-7b down": (3584, 18944)}, int4_rows=(1, 16, 512),  # N, K
 )
 KERNEL_SHAPES_TINY = dict(attn={"tiny": (4, 2, 64)}, moe={"tiny": (8, 2, 64, 48)},
-            prefill_lens=(40,), decode_lens=(100,), moe_tokens=(1, 5))
+            prefill_lens=(40,), decode_lens=(100,), moe_tokens=(1, 5), int4={"tiny": (48, 128)},
+            int4_rows=(1, 5))
 
 
 def bench_ms(fn):
@@ -509,6 +515,26 @@ def bench_moe(rows, cfg, device, dtype):
                 metric=f"{w_bytes / t_ours / 1e6:.0f} GB/s weights", max_diff=diff))
 
 
+def bench_int4(rows, cfg, device, dtype):
+    import quantize
+    from kernels import int4
+    for name, (N, K) in cfg["int4"].items():
+        linear = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        layer = quantize.Int4Linear(linear, dtype, 32)
+        args = (layer.qweight, layer.scales, layer.zeros, 32, None)
+        for M in cfg["int4_rows"]:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            ours = lambda: int4.linear_int4(x, *args)  # noqa: E731
+            theirs = lambda: F.linear(x, linear.weight)  # noqa: E731
+            t_ours = bench_ms(ours)
+            w_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
+            rows.append(dict(
+                bench="int4", shape=f"{name} M={M}", triton_ms=t_ours,
+                baselines={"bf16 matmul": bench_ms(theirs)}, goal=("bf16 matmul", 2.5 if M == 1 else None),
+                metric=f"{w_bytes / t_ours / 1e6:.0f} GB/s weights",
+                max_diff=max_diff(ours(), int4.linear_int4_reference(x, *args))))
+
+
 def kernel_table(rows):
     """Markdown: one row per shape, speed-up against each baseline, and the goal where there is one."""
     lines = ["| bench | shape | triton ms | baseline ms | speed-up | goal | triton | max diff |",
@@ -530,7 +556,7 @@ def kernels_main(argv=None):
     parser = argparse.ArgumentParser(prog="bench.py kernels", description=KERNELS_DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    parser.add_argument("--only", choices=["prefill", "decode", "moe"], help="run one group")
+    parser.add_argument("--only", choices=["prefill", "decode", "moe", "int4"], help="run one group")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke test: tiny shapes, float32; on CPU needs TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
@@ -550,6 +576,8 @@ def kernels_main(argv=None):
         bench_decode(rows, cfg, device, dtype, copy_gbs)
     if args.only in (None, "moe"):
         bench_moe(rows, cfg, device, dtype)
+    if args.only in (None, "int4"):
+        bench_int4(rows, cfg, device, dtype)
 
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"{name}, {dtype}, device copy bandwidth {copy_gbs:.0f} GB/s, torch {torch.__version__}\n")

@@ -30,8 +30,9 @@ matrix-vector kernels of kernels/cpu.cpp (25-33 GB/s here, where torch's int8 ke
 for a prompt, int8 multiplies by the int8 matrix cast to the activation dtype and scales the output
 (x @ q^T * s = x @ (q * s)^T), int4 dequantizes once per call in C++ and multiplies; where the C++
 kernels cannot be built, torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (int4 on a
-copy repacked once in torch's layout). Elsewhere int8 takes the cast-and-scale path, which
-torch.compile fuses, and int4 dequantizes (no fused CUDA int4 path yet).
+copy repacked once in torch's layout). On CUDA int8 takes the cast-and-scale path, which
+torch.compile fuses into the matmul, and int4 the Triton kernel of kernels/int4.py, which reads the
+packed 4-bit weights and dequantizes them in registers (without triton: the reference).
 """
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ import torch.nn.functional as F
 
 import generate
 from kernels import cpu as cpu_kernels
+
+try:  # the Triton int4 matmul (kernels/int4.py) for int4 layers on CUDA, when triton is installed
+    from kernels import int4 as int4_kernel
+except ImportError as e:
+    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+        raise  # a real error inside the kernel is not hidden
+    int4_kernel = None
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -184,9 +192,16 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
-        if x.dtype != self.scales.dtype or x.device.type != "cpu":
+        if x.dtype != self.scales.dtype:
             return self.reference(x)
-        if cpu_kernels.use(rows):  # a decode step: kernels/cpu.cpp's matrix-vector product, bias included
+        if x.is_cuda:  # the Triton kernel: the weights read as 4-bit numbers, dequantized in registers
+            if int4_kernel is None or not int4_kernel.supports(rows, self.qweight):
+                return self.reference(x)
+            y = int4_kernel.linear_int4(rows, self.qweight, self.scales, self.zeros, self.group_size,
+                                        self.bias)
+        elif x.device.type != "cpu":
+            return self.reference(x)
+        elif cpu_kernels.use(rows):  # a decode step: kernels/cpu.cpp's matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int4(rows.contiguous(), self.qweight, self.scales, self.zeros,
                                                self.group_size, self.bias)
         elif cpu_kernels.usable(rows):  # a prompt: the matrix dequantized once, then one matrix multiply

@@ -6,6 +6,7 @@ kernels.attention  causal GQA attention over a KV cache: the semantics, attentio
 kernels.prefill    prefill_attention, a FlashAttention-style kernel for any number of query rows
 kernels.decode     decode_attention, flash-decoding for one query row over a long cache
 kernels.moe        fused mixture-of-experts feed-forward: fused_moe_reference, fused_moe, supports
+kernels.int4       weight-only int4 matmul (w4a16): linear_int4_reference, linear_int4, supports
 kernels.common     what they share: the interpreter switch, dtypes, device and argument checks
 
 C++ (CPU):

@@ -1,6 +1,6 @@
 """What the kernel files share: the interpreter switch, the dtypes, the device check, argument checks.
 
-Each name here is written once and used by attention.py, prefill.py, decode.py and moe.py.
+Each name here is written once and used by attention.py, prefill.py, decode.py, moe.py and int4.py.
 """
 import math
 import os

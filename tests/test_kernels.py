@@ -32,7 +32,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed: no kerne
 
 import kernels.attention as attn  # noqa: E402
 import kernels.common as common  # noqa: E402
+import kernels.int4 as int4  # noqa: E402
 import kernels.moe as moe  # noqa: E402
+import quantize  # noqa: E402
 
 if not CUDA:
     if _interpret_before is None:
@@ -360,6 +362,75 @@ def test_moe_supports(monkeypatch):
     assert moe.supports(x.bfloat16(), w.bfloat16()) == CUDA
     assert not moe.supports(x, w[:, :, :32])
     assert not moe.supports(x.double(), w.double())
+
+
+# ----------------------------------------------------------------------------------------
+# int4 weight-only matmul
+# ----------------------------------------------------------------------------------------
+def int4_layer(N, K, group_size, dtype, bias=False, seed=0):
+    """quantize.py's Int4Linear of a random layer, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+        if bias:
+            linear.bias.copy_(torch.randn(N, generator=g))
+    return quantize.Int4Linear(linear, dtype, group_size).to(DEVICE)
+
+
+INT4_CASES = [  # M, N, K, G: one decode row, a small batch, a prompt; N and K off the block sizes
+    (1, 40, 64, 32), (5, 33, 128, 64), (40, 70, 256, 128), (3, 16, 96, 32), (17, 130, 192, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,K,G", INT4_CASES)
+def test_linear_int4(M, N, K, G, bias, dtype):
+    layer = int4_layer(N, K, G, dtype, bias)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    args = (layer.qweight, layer.scales, layer.zeros, G, layer.bias)
+    ref = int4.linear_int4_reference(x, *args)
+    # the kernel's reference reads quantize.py's layout: it equals the layer's own reference exactly
+    assert torch.equal(ref, layer.reference(x))
+    assert int4.supports(x, layer.qweight)
+    out = int4.linear_int4(x, *args)
+    assert out.shape == (M, N)
+    assert_close(out, ref, dtype)
+
+
+def test_linear_int4_inside_torch_compile():
+    pytest.importorskip("torch._inductor")
+    layer = int4_layer(48, 128, 32, torch.float32, bias=True)
+    x = torch.randn(3, 128, device=DEVICE)
+    compiled = torch.compile(lambda x: int4.linear_int4(x, layer.qweight, layer.scales, layer.zeros, 32,
+                                                        layer.bias) * 2, fullgraph=True)
+    assert_close(compiled(x), int4.linear_int4_reference(x, layer.qweight, layer.scales, layer.zeros, 32,
+                                                         layer.bias) * 2, torch.float32)
+
+
+def test_int4_supports(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = int4_layer(32, 64, 32, torch.float32)
+    x = torch.zeros(2, 64, device=DEVICE)
+    assert int4.supports(x, layer.qweight) and int4.supports(x.half(), layer.qweight)
+    assert int4.supports(x.bfloat16(), layer.qweight) == CUDA
+    assert not int4.supports(torch.zeros(2, 32, device=DEVICE), layer.qweight)  # K does not match
+    assert not int4.supports(x.double(), layer.qweight)
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 8, 128])
+def test_cuda_int4_layer_takes_the_kernel_bf16(M, monkeypatch):
+    """On CUDA an Int4Linear runs kernels/int4.py (Qwen2-7B's MLP shape), equal to its reference."""
+    layer = int4_layer(18944, 3584, 32, torch.bfloat16)
+    x = torch.randn(1, M, 3584, device=DEVICE, dtype=torch.bfloat16)
+    calls, kernel = [], int4.linear_int4
+    monkeypatch.setattr(int4, "linear_int4", lambda *args: calls.append(1) or kernel(*args))
+    out = layer(x)
+    assert calls and out.shape == (1, M, 18944)
+    assert_close(out, layer.reference(x), torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------
