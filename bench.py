@@ -193,8 +193,7 @@ def run_ours(model, prompts, new_tokens, compile: bool):
         pass
     synchronize(device)
     warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    generate.reset_peak_memory(device)  # the timed run's peak (not the loading's, nor the copy probe's)
     stats = {}
     for _ in generate.generate_tokens(model, prompts, new_tokens, compile=compile, stats=stats):
         pass

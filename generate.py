@@ -571,10 +571,28 @@ class Printer:
 
 
 def peak_memory_gb(device) -> float:
+    """The most memory held since the start or the last reset_peak_memory: on CUDA what torch's
+    allocator handed out; on the CPU the process' resident memory (Linux: its high-water mark)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def reset_peak_memory(device):
+    """Start peak_memory_gb's count again from what is held now (on a CPU: Linux only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the resident high-water mark to the current resident size
+    except OSError:
+        pass
 
 
 def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:

@@ -1,5 +1,6 @@
 """bench.py end to end on a tiny preset, its roofline arithmetic, and the compiled decode path."""
 import json
+import os
 
 import pytest
 import torch
@@ -205,3 +206,15 @@ def test_compare_llama_cpp_runs_llama_bench(tmp_path, monkeypatch, tiny_chat_che
     monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="llama-bench is not at .*nowhere; build both with bash "):
         bench.main(["--model", tiny_chat_checkpoint, "--compare", "llama.cpp", "--gguf", str(gguf)])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux's resettable high-water mark")
+def test_peak_memory_can_be_reset_on_the_cpu():
+    """bench.py's peak memory is the timed run's: reset_peak_memory forgets the loading's peak."""
+    cpu = torch.device("cpu")
+    big = torch.ones(96 * 2**20 // 4)  # 96 MB, every page touched
+    with_big = generate.peak_memory_gb(cpu)
+    del big
+    generate.reset_peak_memory(cpu)
+    assert generate.peak_memory_gb(cpu) < with_big - 0.05
