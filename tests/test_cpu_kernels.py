@@ -123,7 +123,11 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B, H, KVH, S, D", [(1, 14, 2, 160, 64), (2, 8, 8, 7, 128), (3, 4, 1, 1, 16)])
+@pytest.mark.parametrize("B, H, KVH, S, D", [
+    (1, 14, 2, 160, 64), (2, 8, 8, 7, 128), (3, 4, 1, 1, 16),
+    (1, 16, 1, 700, 128),  # 16 query heads per key/value head (two units of 8), the cache split in two
+    (2, 18, 2, 300, 48),   # 9 heads per key/value head (units of 5 and 4), head_dim 48 (no fixed loop)
+])
 def test_decode_attention_is_sdpa(dtype, B, H, KVH, S, D):
     """One query row over the first S slots of a longer cache (a strided view), grouped heads."""
     g = torch.Generator().manual_seed(S)
@@ -144,6 +148,28 @@ def test_decode_attention_is_sdpa(dtype, B, H, KVH, S, D):
                                               scale=D ** -0.5, enable_gqa=True)
         got = cpu.decode_attention(q, k, v, mask, D ** -0.5)
         torch.testing.assert_close(got.double(), want, atol=tolerance(dtype, want), rtol=0)
+
+
+def test_decode_attention_rows_see_different_ranges():
+    """Rows whose visible keys end at different slots (a static cache, left padding), over a cache
+    long enough to be split between threads; a row that sees no key gets zeros."""
+    g = torch.Generator().manual_seed(0)
+    B, H, KVH, S, D = 3, 8, 1, 1024, 64  # 3 units of work for 8 threads: the keys are split in 3
+    q, k, v = (torch.randn(B, n, t, D, generator=g) for n, t in ((H, 1), (KVH, S), (KVH, S)))
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., :300] = True        # the first 300 slots filled
+    mask[1, ..., 40:900] = True      # 40 slots of left padding, then 860 keys
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = cpu.decode_attention(q, k, v, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    for b in (0, 1):
+        want = F.scaled_dot_product_attention(q[b:b + 1].double(), k[b:b + 1].double(), v[b:b + 1].double(),
+                                              attn_mask=mask[b:b + 1], scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(got[b:b + 1].double(), want, atol=1e-5, rtol=0)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 def test_decode_attention_declines_what_it_does_not_do():
