@@ -121,11 +121,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((b & 15, b >> 4), dim=-2).reshape(*lead, N, 2 * half)
 
 
-def by_rows(quantizer, w: torch.Tensor, *args, rows: int = 4096):
+def by_rows(quantizer, w: torch.Tensor, *args, rows: int = 1024):
     """quantizer(w, *args) computed 4096 rows at a time (rows are independent): the float32
     temporaries of a 150k-row lm_head then stay small."""
-    parts = [quantizer(w[i:i + rows], *args) for i in range(0, len(w), rows)]
-    return tuple(torch.cat(column) for column in zip(*parts))
+    out = None
+    for i in range(0, len(w), rows):
+        part = quantizer(w[i:i + rows], *args)
+        if out is None:  # the outputs, allocated once (a list of parts and a torch.cat would hold two)
+            out = tuple(p.new_empty((len(w), *p.shape[1:])) for p in part)
+        for whole, p in zip(out, part):
+            whole[i:i + len(p)] = p
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,6 +408,7 @@ def read_safetensors(file: str):
             if f.readinto(data) != len(data):
                 raise damaged(f"tensor {name} is cut short")
             yield name, tensor
+            del tensor, data  # the caller holds the only reference while it works on it
 
 
 def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
@@ -446,6 +453,7 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
             elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
                 raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
                                  f"does not match its config.json")
+            del tensor  # before the next one is read: one full-precision tensor at a time
     return finish(model, module, config, device, name_or_path)
 
 

@@ -146,7 +146,11 @@ def real(real_ckpt):
 
 def test_int8_on_the_real_checkpoint(real):
     """int8 moves perplexity by at most 1% on a fixed text (measured: +0.0%) and keeps greedy
-    answers."""
+    answers: identical 32-token answers, except that an answer may part from bf16's where bf16's own
+    two best tokens are within two bf16 steps of each other (0.25 at these logits, ~20), and then
+    only to bf16's runner-up. (Such a near-tie flips with any change of rounding: "What is a hash
+    table?" parts at its 9th token, 20.125 against 20.0, since the decode attention's sums changed
+    order.) A broken quantizer parts where bf16 is sure."""
     import generate
     folder, tok, ids = real
     reference = qwen2.from_pretrained(folder, dtype=torch.bfloat16)
@@ -154,11 +158,20 @@ def test_int8_on_the_real_checkpoint(real):
     r = quantize.compare(reference, quantized, ids)
     assert r["ppl_quantized"] < 1.01 * r["ppl_reference"] and r["greedy_agreement"] > 0.95, r
     stop = {tok.token_id("<|im_end|>")}
+    parted = 0
     for question in ("Write a Python function that adds two numbers.", "What is a hash table?",
                      "Name three prime numbers.", "Write a haiku about the sea."):
         prompt = tok.encode_chat([{"role": "user", "content": question}])
         want = list(generate.generate(reference, prompt, 32, stop_ids=stop))
-        assert list(generate.generate(quantized, prompt, 32, stop_ids=stop)) == want
+        got = list(generate.generate(quantized, prompt, 32, stop_ids=stop))
+        if got != want:
+            i = next(j for j in range(min(len(got), len(want)) + 1) if got[j:j + 1] != want[j:j + 1])
+            with torch.no_grad():
+                best = reference(torch.tensor([prompt + want[:i]]))[0, -1].float().topk(2)
+            gap = float(best.values[0] - best.values[1])
+            assert gap <= 0.25 and got[i] == int(best.indices[1]), (question, i, got, want, gap)
+            parted += 1
+    assert parted <= 1, "more than one answer parted from bf16's"
     assert quantize.weight_bytes(quantized) < 0.65 * quantize.weight_bytes(reference)
 
 
@@ -175,8 +188,9 @@ def test_int4_on_the_real_checkpoint(real):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's resident high-water mark")
 def test_loading_quantized_holds_little_more_than_the_quantized_model(real_ckpt):
     """quantize.from_pretrained in a fresh process: the resident memory it adds at its peak stays
-    below the quantized model plus twice the largest full-precision tensor (the embedding, 272 MB).
-    Measured: 0.77 GB for 0.63 GB of int4 weights; through safetensors' memory map it was 2.1 GB."""
+    below the quantized model plus twice the largest full-precision tensor (the embedding, 272 MB):
+    1.18 GB. Measured: 0.75 to 1.02 GB for 0.63 GB of int4 weights (the allocator's slack varies);
+    through safetensors' memory map 1.42 GB."""
     import subprocess
     import sys
     code = f"""
