@@ -122,7 +122,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def by_rows(quantizer, w: torch.Tensor, *args, rows: int = 1024):
-    """quantizer(w, *args) computed 4096 rows at a time (rows are independent): the float32
+    """quantizer(w, *args) computed 1024 rows at a time (rows are independent): the float32
     temporaries of a 150k-row lm_head then stay small."""
     out = None
     for i in range(0, len(w), rows):
