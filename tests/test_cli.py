@@ -214,3 +214,34 @@ def test_sampling_matches_transformers_warpers():
     for row in range(3):
         assert allowed[row, picks[:, row]].all()
     assert set(picks[:, 0].tolist()) == set(torch.nonzero(allowed[0]).flatten().tolist())
+
+
+def test_sampling_draws_transformers_distribution_with_ties():
+    """top_k keeps the ties of its k-th logit (as transformers' TopKLogitsWarper does); the draw
+    among the kept tokens (sample's CPU path) has the probabilities of transformers' warped logits."""
+    from transformers.generation import logits_process as lp
+    logits = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.5, 3.0, -2.0] * 3])  # ties, and one vocab of 24
+    history = torch.tensor([[0]])
+    expected = logits.clone()
+    for warper in (lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(4), lp.TopPLogitsWarper(0.95)):
+        expected = warper(history, expected)
+    p = expected.softmax(-1)[0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([generate.sample(logits, 0.8, top_k=4, top_p=0.95, generator=g)
+                         for _ in range(20000)])
+    freq = torch.bincount(draws.flatten(), minlength=24).float() / len(draws)
+    assert set(torch.nonzero(freq).flatten().tolist()) == set(torch.nonzero(p).flatten().tolist())
+    assert int((p > 0).sum()) == 12  # the three 5.0s and the nine 4.0 ties of the 4th best
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+
+
+def test_compile_flag_gives_the_same_answer_and_says_it_compiles(tiny_chat_checkpoint, capsys):
+    pytest.importorskip("torch._inductor")
+    args = ["--model", tiny_chat_checkpoint, "--prompt", "Hello world", "--temperature", "0",
+            "--max-new-tokens", "6", "--dtype", "float32"]
+    assert generate.main(args) == 0
+    eager = capsys.readouterr().out
+    assert generate.main(args + ["--compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out == eager
+    assert "[--compile: the first decode step compiles the step" in out.err
