@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -320,15 +321,20 @@ def compiled_decode_step(model):
     steps = model.__dict__.setdefault("_compiled_decode_steps", {})
     key = model_signature(model)
     if key not in steps:
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options, isolated = {}, {}
+        # isolate_recompiles (torch 2.13): this compilation's entries are its own (dynamo otherwise shares
+        # them among every torch.compile of static_decode_step, and without module guards another model
+        # could match). Older torch keeps its guards.
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            isolated["isolate_recompiles"] = True
         if model.device.type == "cuda":
             options["triton.cudagraphs"] = True          # = mode="reduce-overhead"
-        else:
-            options.update(size_asserts=False, alignment_asserts=False)
-        # isolate_recompiles: this compilation's entries are its own (dynamo otherwise shares them among
-        # every torch.compile of static_decode_step, and without module guards another model could match).
-        steps[key] = torch.compile(static_decode_step, fullgraph=True, options=options,
-                                   isolate_recompiles=True)
+        else:  # (the options this torch's inductor has)
+            import torch._inductor.config as inductor
+            options.update({name: False for name in ("size_asserts", "alignment_asserts")
+                            if hasattr(inductor, name)})
+        steps[key] = torch.compile(static_decode_step, fullgraph=True, options=options, **isolated)
     return steps[key]
 
 
