@@ -221,36 +221,46 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token of each row. logits: (B, vocab) -> (B,) token ids.
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample` draws from: (B, vocab) logits -> (B, vocab) probabilities, zero for
+    the tokens top-k and top-p drop (temperature > 0).
 
-    temperature 0 = greedy (argmax). top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the
-    smallest set of most likely tokens whose probability adds up to at least top_p.
+    top_k > 0 keeps the k most likely tokens (and those tied with the k-th, as transformers does);
+    top_p < 1 keeps the smallest set of most likely tokens whose probability adds up to at least top_p.
     """
-    if temperature == 0:
-        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-            # the same first-maximum rule; numpy takes 15 us over 151,936 logits where torch's CPU argmax
-            # takes 140 us (float32) to 550 us (bf16), 1-2% of a decode step (docs/benchmarks.md)
-            return torch.from_numpy(logits.detach().float().numpy().argmax(-1))
-        return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-            # The same distribution, drawn among the kept tokens only (the top k and their ties): top_p
-            # then sorts k numbers, not the whole vocabulary (7 ms over 151,936 logits on the CPU).
-            kept = int((logits > float("-inf")).sum(-1).max())
-            candidates, ids = logits.topk(kept, dim=-1)                              # (B, kept)
-            return ids.gather(-1, sample(candidates, 1.0, 0, top_p, generator)[:, None]).squeeze(-1)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1)                         # ascending
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative <= (1 - top_p)
         drop_sorted[:, -1] = False                                                # keep the most likely
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row. logits: (B, vocab) -> (B,) token ids: greedy (argmax) for
+    temperature 0, else a draw from `sampling_probs`."""
+    if temperature == 0:
+        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+            # the same first-maximum rule; numpy takes 15 us over 151,936 logits where torch's CPU argmax
+            # takes 140 us (float32) to 550 us (bf16), 1-2% of a decode step (docs/benchmarks.md)
+            return torch.from_numpy(logits.detach().float().numpy().argmax(-1))
+        return logits.argmax(dim=-1)
+    if top_k > 0 and logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The same distribution, drawn among the kept tokens only (the top k and their ties): top_p
+        # then sorts k numbers, not the whole vocabulary (7 ms over 151,936 logits on the CPU).
+        scaled = logits.float()
+        kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
+        candidates, ids = scaled.topk(int((scaled >= kth).sum(-1).max()), dim=-1)      # (B, kept)
+        probs = sampling_probs(candidates, temperature, top_k, top_p)
+        return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -7,9 +7,7 @@ checks exactly what the models compute.
 """
 import os
 import sys
-from unittest import mock
 
-import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,17 +58,7 @@ def kv_cache_update(cache_k, cache_v, slots, k, v):
 
 
 # 6. generate.sample: the distribution it draws from (torch.multinomial's argument)
-def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
-    seen = {}
-    real = torch.multinomial
-
-    def capture(probs, num_samples, generator=None):
-        seen["probs"] = probs
-        return real(probs, num_samples, generator=generator)
-
-    with mock.patch.object(torch, "multinomial", capture):
-        generate.sample(logits, temperature, top_k, top_p)
-    return seen["probs"]
+sampling_probs = generate.sampling_probs
 
 
 # 7. and 9.
