@@ -54,6 +54,13 @@ def main(out_path, checks, folders):
         torch.save(results, out_path)
     dist.barrier()  # leave together: a rank that tears down while another still sends aborts
     dist.destroy_process_group()
+    # Then leave without the interpreter's teardown. One CI run (of the compiled check) had a rank abort
+    # with "terminate called without an active exception", what a C++ thread still joinable at exit
+    # gives; 16 runs of the same test passed after it, so where it happened is not known. Nothing is
+    # left to do here: the results are saved and the group is gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def padded_steps(model, vocab):
