@@ -1,4 +1,5 @@
-"""What the kernel files share: the interpreter switch, the dtypes, the device check, argument checks.
+"""What the kernel files share: the interpreter switch, the dtypes, the device check, argument checks,
+the tiles of the matrix-multiply kernels.
 
 Each name here is written once and used by attention.py, prefill.py, decode.py, moe.py and int4.py.
 """
@@ -6,6 +7,7 @@ import math
 import os
 
 import torch
+import triton
 
 # Triton decides at decoration time whether a kernel is compiled for the GPU or run by its CPU
 # interpreter (TRITON_INTERPRET=1). Remember which one the kernel modules were built for.
@@ -54,3 +56,23 @@ def attention_args(q, k, v, pad, window, scale):
     scale = D**-0.5 if scale is None else scale
     qk_scale = scale * math.log2(math.e)  # the kernels use exp2
     return pad, window, qk_scale
+
+
+def block_rows(rows: float) -> int:
+    """BLOCK_M of the matrix-multiply kernels (moe.py's grouped matmuls, int4.py) for `rows` rows per
+    group of them: small for a decode step, larger for a prompt; tl.dot needs at least 16."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def matmul_configs():
+    """The autotuned tiles (BLOCK_N outputs, BLOCK_K inputs) of those kernels, BLOCK_M being chosen
+    by block_rows on the host; one small tile in the interpreter, which cannot benchmark."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    ]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import DTYPES, INTERPRET, device_ok, dot_precision
+from .common import DTYPES, block_rows, device_ok, dot_precision, matmul_configs
 
 
 # ----------------------------------------------------------------------------------------
@@ -41,19 +41,7 @@ def linear_int4_reference(x, qweight, scales, zeros, group_size, bias=None):
 # ----------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K", "GROUP"])
+@triton.autotune(configs=matmul_configs(), key=["BLOCK_M", "N", "K", "GROUP"])
 @triton.jit(do_not_specialize=["M"])  # changes with the batch and prompt: one compiled variant
 def _int4_matmul_kernel(
     X, Q, S, Z, Bias, Y,
@@ -119,7 +107,7 @@ def _linear_int4(x, qweight, scales, zeros, group_size, bias=None):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64  # tl.dot needs 16 rows at least
+    block_m = block_rows(M)
     _int4_matmul_kernel[lambda meta: (triton.cdiv(M, block_m), triton.cdiv(N, meta["BLOCK_N"]))](
         x, qweight, scales, zeros, bias if bias is not None else y, y,
         M, N, K, x.stride(0), y.stride(0),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import DTYPES, INTERPRET, device_ok, dot_precision
+from .common import DTYPES, block_rows, device_ok, dot_precision, matmul_configs
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,28 +99,10 @@ def _group_pairs_by_expert(topk_ids, num_experts, block_m):
     return pair_ids, block_expert
 
 
-def _block_m(num_pairs, num_experts):
-    """Rows per block: small for decode (few pairs per expert), larger for prefill."""
-    per_expert = num_pairs / num_experts
-    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
-
-
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-def _matmul_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    ]
-
-
-@triton.autotune(configs=_matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
+@triton.autotune(configs=matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
 @triton.jit(do_not_specialize=["num_pairs"])  # changes with the batch: one compiled variant
 def _gate_up_kernel(
     X, W, Inter, PairIds, BlockExpert, Scales,
@@ -173,7 +155,7 @@ def _gate_up_kernel(
     tl.store(i_ptrs, h.to(Inter.dtype.element_ty), mask=is_pair[:, None] & is_col[None, :])
 
 
-@triton.autotune(configs=_matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
+@triton.autotune(configs=matmul_configs(), key=["BLOCK_M", "HIDDEN", "INTER"])
 @triton.jit(do_not_specialize=["num_pairs"])  # changes with the batch: one compiled variant
 def _down_kernel(
     Inter, W, Out, PairIds, BlockExpert, RouteWeight, Scales,
@@ -269,7 +251,7 @@ def _fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, gate_up_scales=None
         return torch.zeros_like(x)
 
     # 1. Group the pairs by expert in blocks of BLOCK_M rows.
-    block_m = _block_m(P, E)
+    block_m = block_rows(P / E)  # the pairs per expert: few in a decode step
     pair_ids, block_expert = _group_pairs_by_expert(topk_ids, E, block_m)
     num_blocks = block_expert.numel()
     route = topk_weights.contiguous().view(-1)  # (P,) routing weight of each pair
