@@ -35,6 +35,17 @@ def save_tiny(tmp_path, config_cls, model_cls, seed=0, **overrides):
     return folder, model
 
 
+def linear(n, k, bias=False, seed=0, dtype=torch.bfloat16):
+    """A seeded random nn.Linear (k inputs, n outputs) with weights of a trained layer's size (0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=g))
+    return layer.to(dtype)
+
+
 def assert_works_copied_alone(tmp_path, model_file, checkpoint, hf_model, input_ids, atol=1e-5):
     """Copy `model_file` alone into an empty folder, load `checkpoint` with it in a fresh Python that
     sees the installed third-party packages but not this project, and compare its logits with

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import linear
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -369,13 +370,7 @@ def test_moe_supports(monkeypatch):
 # ----------------------------------------------------------------------------------------
 def int4_layer(N, K, group_size, dtype, bias=False, seed=0):
     """quantize.py's Int4Linear of a random layer, on DEVICE."""
-    g = torch.Generator().manual_seed(seed)
-    linear = torch.nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-        if bias:
-            linear.bias.copy_(torch.randn(N, generator=g))
-    return quantize.Int4Linear(linear, dtype, group_size).to(DEVICE)
+    return quantize.Int4Linear(linear(N, K, bias, seed, torch.float32), dtype, group_size).to(DEVICE)
 
 
 INT4_CASES = [  # M, N, K, G: one decode row, a small batch, a prompt; N and K off the block sizes

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import linear, save_tiny
 
 import quantize
 import qwen2
@@ -12,16 +12,6 @@ import qwen2_moe
 import qwen3_moe
 
 transformers = pytest.importorskip("transformers")
-
-
-def linear(n, k, bias=False, seed=0, dtype=torch.bfloat16):
-    g = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
-        if bias:
-            layer.bias.copy_(torch.randn(n, generator=g))
-    return layer.to(dtype)
 
 
 def test_int8_arithmetic():
