@@ -255,9 +255,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     if top_k > 0 and logits.device.type == "cpu" and not torch.compiler.is_compiling():
         # The same distribution, drawn among the kept tokens only (the top k and their ties): top_p
         # then sorts k numbers, not the whole vocabulary (7 ms over 151,936 logits on the CPU).
-        scaled = logits.float()
-        kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
-        candidates, ids = scaled.topk(int((scaled >= kth).sum(-1).max()), dim=-1)      # (B, kept)
+        logits = logits.float()
+        candidates, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)          # (B, k)
+        kept = int((logits >= candidates[:, -1:]).sum(-1).max())                     # with the k-th's ties
+        if kept > candidates.shape[-1]:
+            candidates, ids = logits.topk(kept, dim=-1)                               # (B, kept)
         probs = sampling_probs(candidates, temperature, top_k, top_p)
         return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
     probs = sampling_probs(logits, temperature, top_k, top_p)

@@ -57,7 +57,7 @@ def kv_cache_update(cache_k, cache_v, slots, k, v):
     return cache.update(slots, k, v)
 
 
-# 6. generate.sample: the distribution it draws from (torch.multinomial's argument)
+# 6. generate.sampling_probs: the distribution generate.sample draws from
 sampling_probs = generate.sampling_probs
 
 
