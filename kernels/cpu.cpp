@@ -571,6 +571,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
   });
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
   T* op = out.data_ptr<T>();
+  std::vector<float> merged(D);
   for (int64_t b = 0; b < B; ++b)                       // merge the splits of each head
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kv = h / group, chunk = (h % group) / heads, g = (h % group) % heads;
@@ -578,7 +579,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
       float top = -INFINITY;
       for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, tops[(first + sp) * heads + g]);
       float total_sum = 0.f;
-      std::vector<float> merged(D, 0.f);
+      std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t sp = 0; sp < splits; ++sp) {
         const int64_t u = first + sp;
         if (tops[u * heads + g] == -INFINITY) continue;
