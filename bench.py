@@ -160,16 +160,19 @@ def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
     Active experts: K at batch 1; for a batch, the expected number of distinct experts when each
     row picks K of E at random, E * (1 - (1 - K/E) ** batch_size)."""
     config = model.config
-    embedding = model.model.embed_tokens.weight
-    head_reads_embedding = getattr(model.lm_head, "weight", None) is embedding
+    def tensors(module):
+        return list(module.parameters()) + list(module.buffers())
+    head = {id(t) for t in tensors(model.lm_head)}
+    # the embedding table (float or quantized), unless lm_head reads it whole: one row per token
+    rows_only = {id(t) for t in tensors(model.model.embed_tokens) if id(t) not in head}
     seen, total = set(), 0
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if id(p) in seen or name.endswith("inv_freq") or ".cache." in name or not p.numel():
             continue
         seen.add(id(p))
         nbytes = p.numel() * p.element_size()
-        if p is embedding and not head_reads_embedding:
-            nbytes = p.shape[1] * p.element_size() * batch_size  # one row per token
+        if id(p) in rows_only:  # (quantized or not) one row per token
+            nbytes = nbytes // p.shape[0] * batch_size
         elif ".mlp.experts." in name:
             experts, k = p.shape[0], config.num_experts_per_tok
             active = experts * (1 - (1 - k / experts) ** batch_size)
@@ -607,6 +610,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on cuda)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (quantize.py)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4's group size")
+    p.add_argument("--quantize-embeddings", choices=["int8", "int4"],
+                   help="with --quantize: the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch", "reference"], default="auto",
                    help="reference: the spelled-out attention and expert loop")
     p.add_argument("--compare", choices=["transformers", "llama.cpp"],
@@ -630,6 +635,8 @@ def main(argv=None):
 
     if args.quantize and args.compare == "transformers":
         raise SystemExit("--compare transformers runs the same weights unquantized: not with --quantize")
+    if args.quantize_embeddings and not args.quantize:
+        raise SystemExit("--quantize-embeddings goes with --quantize int8|int4")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if generate.parallel_run():  # torchrun: the model sharded over the ranks (parallel.py); rank 0 reports
         import parallel
@@ -641,7 +648,8 @@ def main(argv=None):
     folder = None
     if args.model:
         model, _, _ = generate.load(args.model, device=device, dtype=args.dtype, quantization=args.quantize,
-                                    group_size=args.group_size)  # quantized while it loads
+                                    group_size=args.group_size,
+                                    embeddings=args.quantize_embeddings)  # quantized while it loads
         folder, name = tokenizer.resolve_checkpoint(args.model), args.model
         preset = None
     else:
@@ -655,8 +663,10 @@ def main(argv=None):
     if args.quantize:
         if args.model is None:
             import quantize
-            quantize.quantize(model, args.quantize, group_size=args.group_size)
+            quantize.quantize(model, args.quantize, group_size=args.group_size,
+                              embeddings=args.quantize_embeddings)
         name += f" {args.quantize}" + (f" g{args.group_size}" if args.quantize == "int4" else "")
+        name += f" embeddings {args.quantize_embeddings}" if args.quantize_embeddings else ""
     if generate.distributed():
         name += f" on {torch.distributed.get_world_size()} ranks"
     generate.use_cpu_kernels(model)  # as generate.load does (a preset's model did not go through it)

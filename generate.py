@@ -75,11 +75,13 @@ def model_module(model_type: str):
                          f"present") from None
 
 
-def load(name_or_path: str, device=None, dtype=None, quantization: str | None = None, group_size: int = 32):
+def load(name_or_path: str, device=None, dtype=None, quantization: str | None = None, group_size: int = 32,
+         embeddings: str | None = None):
     """Load (model, tokenizer, generation defaults) from a local folder or a hub id.
 
-    quantization: "int8" or "int4" quantizes the weights while they load (quantize.py); a folder saved
-    by quantize.save is already quantized and loads as it is."""
+    quantization: "int8" or "int4" quantizes the weights while they load (quantize.py), and
+    embeddings ("int8" or "int4") the embedding table too; a folder saved by quantize.save is already
+    quantized and loads as it is."""
     folder = resolve_checkpoint(name_or_path)
     config = read_json(os.path.join(folder, "config.json"))
     if not config:
@@ -97,13 +99,14 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
         model = parallel.from_pretrained(folder, device=device, dtype=dtype)
         if quantization:
             import quantize
-            quantize.quantize(model, quantization, group_size)
+            quantize.quantize(model, quantization, group_size, embeddings=embeddings)
     elif config.get("quantization") or quantization:
         import quantize
         if config.get("quantization"):  # written by quantize.save
             model = quantize.load(folder, device=device, dtype=dtype)
         else:
-            model = quantize.from_pretrained(folder, quantization, group_size, device=device, dtype=dtype)
+            model = quantize.from_pretrained(folder, quantization, group_size, device=device, dtype=dtype,
+                                             embeddings=embeddings)
     else:
         model = module.from_pretrained(folder, device=device, dtype=dtype)
     use_cpu_kernels(model)
@@ -505,6 +508,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (quantize.py)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4's group size")
+    p.add_argument("--quantize-embeddings", choices=["int8", "int4"],
+                   help="with --quantize: the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="attention/MoE implementation (auto: Triton on CUDA when available; torch: torch's "
                         "paths everywhere, also for the CPU matrix-vector products of kernels/cpu.cpp)")
@@ -527,6 +532,8 @@ def parse_args(argv=None):
         raise UsageError("empty prompt: pass --prompt TEXT (or --chat for a conversation)")
     if args.raw and args.chat:
         raise UsageError("--raw and --chat do not go together")
+    if args.quantize_embeddings and not args.quantize:
+        raise UsageError("--quantize-embeddings goes with --quantize int8|int4")
     if args.device is not None:
         try:
             torch.device(args.device)
@@ -675,7 +682,7 @@ def run(args) -> int:
     # docs/benchmarks.md).
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
-                                      group_size=args.group_size)
+                                      group_size=args.group_size, embeddings=args.quantize_embeddings)
     set_kernels(model, args.kernels)
     if device.type == "cpu" and cpu_kernels.enabled and not cpu_kernels.available():  # built here, once
         log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")

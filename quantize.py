@@ -249,10 +249,11 @@ class QuantizedStack(nn.Module):
     def set_weight(self, w: torch.Tensor):
         """Quantize the float stack (E, N, K) into this module, on w's device."""
         if self.scheme == "int8":
-            self.qweight, self.scales = quantize_int8(w, self.out_dtype)        # (E, N, K), (E, N)
+            self.qweight, self.scales = by_rows(quantize_int8, w, self.out_dtype)  # (E, N, K), (E, N)
             self.zeros = torch.empty(0, dtype=self.out_dtype, device=w.device)
         else:
-            q, self.scales, self.zeros = quantize_int4(w, self.group_size, self.out_dtype)  # (E, N, K/G) each
+            q, self.scales, self.zeros = by_rows(quantize_int4, w, self.group_size, self.out_dtype)
+            # scales, zeros: (E, N, K/G)
             self.qweight = pack_int4(q)                                         # two per byte: (E, N, K/2)
 
     def __getitem__(self, index) -> torch.Tensor:
@@ -260,6 +261,17 @@ class QuantizedStack(nn.Module):
         if self.scheme == "int8":
             return dequantize_int8(q, s, self.out_dtype)
         return dequantize_int4(unpack_int4(q), s, self.zeros[index], self.out_dtype)
+
+
+class QuantizedEmbedding(QuantizedStack):
+    """The embedding table (vocab, hidden) quantized as a stack of rows: int8 with one scale per row,
+    or int4 per group of a row, exactly as a linear layer's weight of that shape. A lookup dequantizes
+    the rows of the ids it is given, into the activation dtype. Only on request (quantize's
+    `embeddings`): by default the table stays in the activation dtype. A tied lm_head quantized the
+    same way reads the same tensors (`share_tied_table`): one copy serves both."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self[ids]                                                        # (..., hidden)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +295,32 @@ def quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype, group_s
     return Int8Linear(linear, dtype)
 
 
+def quantized_embedding(embedding: nn.Embedding, scheme: str, dtype: torch.dtype,
+                        group_size: int) -> QuantizedEmbedding:
+    """The quantized table: as quantized_linear chooses (int8 where a row does not divide into groups)."""
+    if scheme == "int4" and embedding.embedding_dim % group_size:
+        scheme = "int8"
+    return QuantizedEmbedding(embedding.weight, scheme, dtype, group_size)
+
+
+def shares_table(embedding: nn.Module, head: nn.Module) -> bool:
+    """Can a tied lm_head read the quantized embedding's tensors as its own? Yes when both hold the
+    (vocab, hidden) matrix in one layout: int8 per row, or int4 with the same groups."""
+    if not isinstance(embedding, QuantizedEmbedding):
+        return False
+    if embedding.scheme == "int8":
+        return isinstance(head, Int8Linear)
+    return isinstance(head, Int4Linear) and head.group_size == embedding.group_size
+
+
+def share_tied_table(model: nn.Module):
+    """Point a tied model's quantized lm_head at the quantized embedding's integers and scales."""
+    embedding, head = model.model.embed_tokens, model.lm_head
+    if shares_table(embedding, head):
+        for name in ("qweight", "scales") + (("zeros",) if embedding.scheme == "int4" else ()):
+            setattr(head, name, getattr(embedding, name))
+
+
 def replace(parent: nn.Module, name: str, layer: nn.Module):
     """Put `layer` in the place of parent.<name>. Forward hooks set on the old layer move to the new
     one: another add-on's work stays (parallel.py gathers a sharded lm_head's logits in one)."""
@@ -291,16 +329,25 @@ def replace(parent: nn.Module, name: str, layer: nn.Module):
 
 
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
-             lm_head: str | None = LM_HEAD) -> nn.Module:
+             lm_head: str | None = LM_HEAD, embeddings: str | None = None) -> nn.Module:
     """Quantize `model` (any class of the three model files) in place and return it.
 
     scheme: "int8" or "int4" for the layers named in the module docstring; group_size: int4's group.
     lm_head: "int8", "int4", or None to keep it in the activation dtype. A tied lm_head (the small
-    Qwen2.5 and Qwen3 models) becomes a quantized copy of the embedding, which itself stays as it is.
+    Qwen2.5 and Qwen3 models) becomes a quantized copy of the embedding, which itself stays as it is,
+    unless `embeddings` ("int8" or "int4"; None: kept in the activation dtype) quantizes the table
+    too: then a tied lm_head of the same scheme reads the embedding's quantized table, one copy.
     """
     check_scheme(scheme, group_size)
-    if lm_head not in (None, *SCHEMES):
-        raise ValueError(f"lm_head must be None, int8 or int4, not {lm_head!r}")
+    for what, value in (("lm_head", lm_head), ("embeddings", embeddings)):
+        if value not in (None, *SCHEMES):
+            raise ValueError(f"{what} must be None, int8 or int4, not {value!r}")
+    head = getattr(model, "lm_head", None)
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = getattr(head, "weight", 0) is getattr(embedding, "weight", None)
+    if embeddings is not None and tied and lm_head is None:
+        raise ValueError("a tied lm_head kept in full precision needs the embedding table as it is: "
+                         "quantize the lm_head too, or keep the embeddings")
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -308,11 +355,16 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_G
                 replace(module, child_name, quantized_linear(child, scheme, dtype, group_size))
             elif child_name == "lm_head" and isinstance(child, nn.Linear) and lm_head is not None:
                 replace(module, child_name, quantized_linear(child, lm_head, dtype, group_size))
+            elif child_name == "embed_tokens" and isinstance(child, nn.Embedding) and embeddings is not None:
+                replace(module, child_name, quantized_embedding(child, embeddings, dtype, group_size))
         if name.endswith("mlp.experts") and hasattr(module, "gate_up_proj"):
             for stack in ("gate_up_proj", "down_proj"):
                 weight = module._parameters.pop(stack)                      # (E, N, K)
                 setattr(module, stack, QuantizedStack(weight, scheme, dtype, group_size))
-    model.quantization = {"scheme": scheme, "group_size": group_size, "lm_head": lm_head}
+    if tied:
+        share_tied_table(model)
+    model.quantization = {"scheme": scheme, "group_size": group_size, "lm_head": lm_head,
+                          "embeddings": embeddings}
     return model
 
 
@@ -336,11 +388,11 @@ def save(model: nn.Module, folder: str, source: str):
     source = resolve_checkpoint(source)
     os.makedirs(folder, exist_ok=True)
     state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=True).items():  # (the tensors themselves: ties show)
         if name.endswith("inv_freq") or id(tensor) in seen:  # a buffer, not a weight; a tied copy
             continue
         seen.add(id(tensor))
-        state[name] = tensor.contiguous()
+        state[name] = tensor.detach().contiguous()
     save_file(state, os.path.join(folder, "model.safetensors"))
     config = read_json(os.path.join(source, "config.json"))
     config["quantization"] = dict(model.quantization)
@@ -352,10 +404,12 @@ def save(model: nn.Module, folder: str, source: str):
 
 
 def finish(model: nn.Module, module, config, device, source: str) -> nn.Module:
-    """Tie lm_head when it is not quantized, check that every tensor arrived, compute the RoPE
-    buffer, freeze: ready for inference."""
+    """Tie lm_head (the embedding's weight when it is not quantized, the quantized table when both
+    are, alike), check that every tensor arrived, compute the RoPE buffer, freeze: ready for inference."""
     if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
+    elif config.tie_word_embeddings and hasattr(model, "lm_head"):
+        share_tied_table(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.is_meta and not n.endswith("inv_freq")]
     if left:
@@ -412,7 +466,8 @@ def read_safetensors(file: str):
 
 
 def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
-                    device=None, dtype=None, lm_head: str | None = LM_HEAD) -> nn.Module:
+                    device=None, dtype=None, lm_head: str | None = LM_HEAD,
+                    embeddings: str | None = None) -> nn.Module:
     """Load a full-precision checkpoint quantized tensor by tensor as it streams in (the same layers
     as `quantize`), so that no full-precision copy of the model ever exists: a model that fits only
     in its quantized form loads. Peak memory: the quantized model, plus one tensor (for the MoE files,
@@ -421,11 +476,16 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
     folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):  # the quantized model's structure, no memory yet
-        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head)
+        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head,
+                         embeddings)
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_weight")}
     params = dict(model.named_parameters())
-    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in params)
-    tied_head = config.tie_word_embeddings and "lm_head" in layers   # quantized from the embedding
+    names = set(params) | set(layers)
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens" in names
+                    or p + "embed_tokens.weight" in names)
+    # A tied head is quantized from the embedding's tensor, unless it reads the quantized table itself.
+    tied_head = (config.tie_word_embeddings and "lm_head" in layers
+                 and not shares_table(model.model.embed_tokens, model.lm_head))
     experts = {}  # stack name -> [full-precision stack being filled, pieces still to come]
     for file in module.safetensors_files(folder):
         for name, tensor in read_safetensors(file):
@@ -441,18 +501,18 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
                     layers[stack].set_weight(stacked.to(device))
             elif target in layers or (owner in layers and leaf == "weight"):  # a quantized weight
                 layer = layers[target if target in layers else owner]
-                shape = layer.shape if target in layers else (layer.out_features, layer.in_features)
+                shape = getattr(layer, "shape", None) or (layer.out_features, layer.in_features)
                 generate.check_shape(name, tensor.shape, shape)
                 layer.set_weight(tensor.to(device))
             elif target in params:
                 generate.check_shape(name, tensor.shape, params[target].shape)
                 tensor = tensor.to(device=device, dtype=dtype)
                 module.set_parameter(model, target, tensor)
-                if tied_head and target.endswith("embed_tokens.weight"):
-                    layers["lm_head"].set_weight(tensor)
             elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
                 raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
                                  f"does not match its config.json")
+            if tied_head and target.endswith("embed_tokens.weight"):
+                layers["lm_head"].set_weight(tensor.to(device))
             del tensor  # before the next one is read: one full-precision tensor at a time
     return finish(model, module, config, device, name_or_path)
 
@@ -468,11 +528,15 @@ def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
     scheme, group_size, lm_head = settings.get("scheme"), settings.get("group_size"), settings.get("lm_head")
     check_scheme(scheme, group_size)
     with torch.device("meta"):
-        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head)
+        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head,
+                         settings.get("embeddings"))
     state = load_file(module.safetensors_files(folder)[0], device=str(device or "cpu"))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    tied = config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        expected.discard("lm_head.weight")  # the embedding's, tied by finish
+    elif config.tie_word_embeddings and shares_table(model.model.embed_tokens, model.lm_head):
+        expected -= {n for n in expected if n.startswith("lm_head.")}  # the table's, shared by finish
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)[0]
         raise ValueError(f"{folder} does not match its config.json and quantization {settings}: tensor {odd} "

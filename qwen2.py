@@ -446,7 +446,7 @@ class Qwen2Model(nn.Module):
         A cache of that shape that is already set up is kept, not cleared (a step never sees the
         slots past its own, so old values are harmless): its memory stays where a captured CUDA
         graph expects it."""
-        ref = self.embed_tokens.weight
+        ref = self.norm.weight  # (never quantized: quantize.py may quantize the embedding)
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for layer in self.layers:
             attn, cache = layer.self_attn, layer.self_attn.cache
@@ -569,11 +569,11 @@ class Qwen2ForCausalLM(nn.Module):
 
     @property
     def device(self):
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
-    def dtype(self):  # (the embedding's: lm_head may be quantized, see quantize.py)
-        return self.model.embed_tokens.weight.dtype
+    def dtype(self):  # (the final norm's: quantize.py may quantize lm_head and the embedding)
+        return self.model.norm.weight.dtype
 
 
 # ----------------------------------------------------------------------------------------------

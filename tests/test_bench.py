@@ -53,6 +53,23 @@ def test_decode_bytes_per_token_counts_quantized_weights():
     assert bench.decode_bytes_per_token(model) == weights
 
 
+def test_decode_bytes_per_token_counts_a_quantized_embedding():
+    """A quantized table shared with the tied lm_head is read whole (by the head) and once; an untied
+    quantized table is read one row (int8: H bytes and a scale) per token."""
+    import quantize
+    H = 64
+    tied = quantize.quantize(bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32),
+                             "int8", embeddings="int8")
+    plain = quantize.quantize(bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32),
+                              "int8")
+    # plain: float row (4 H) + int8 head copy; tied: the int8 table once, no float row
+    assert bench.decode_bytes_per_token(tied) == bench.decode_bytes_per_token(plain) - 4 * H
+    untied_preset = {**bench.PRESETS["tiny"], "tie_word_embeddings": False}
+    untied = quantize.quantize(bench.random_model(untied_preset, torch.device("cpu"), torch.float32),
+                               "int8", embeddings="int8")
+    assert bench.decode_bytes_per_token(untied) == bench.decode_bytes_per_token(plain) - 4 * H + H + 4
+
+
 def test_decode_bytes_per_token_counts_active_experts():
     """MoE: K of E experts at batch 1; at batch b the expected distinct experts E (1 - (1 - K/E)^b)."""
     preset = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
