@@ -322,11 +322,14 @@ at::Tensor linear_int4_impl(const at::Tensor& x, const at::Tensor& q, const at::
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if (std::is_same_v<T, at::BFloat16> && K % 128 == 0) {
     const std::vector<uint16_t> xb = int4_bf16_order(x);
-    std::vector<float> xsum(M * groups, 0.f);  // (M, K/G): the sum of x over each group
-    const T* xp = x.data_ptr<T>();
+    std::vector<float> xsum(M * groups);  // (M, K/G): the sum of x over each group, 16 inputs at a time
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<T>());
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t k = g * G; k < (g + 1) * G; ++k) xsum[m * groups + g] += static_cast<float>(xp[m * K + k]);
+      for (int64_t g = 0; g < groups; ++g) {
+        f32x16 sum = {};
+        for (int64_t k = g * G; k < (g + 1) * G; k += LANES) sum += bf16_to_floats(xp + m * K + k);
+        xsum[m * groups + g] = total(sum);
+      }
     const uint16_t* s16 = reinterpret_cast<const uint16_t*>(sp);
     const uint16_t* z16 = reinterpret_cast<const uint16_t*>(zp);
     auto tile = [&](int64_t n0, int R, int64_t m0, int X, float sums[XROWS][ROWS]) {
