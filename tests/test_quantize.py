@@ -320,6 +320,20 @@ def test_save_and_load_without_quantizing_again(tmp_path, arch, scheme, monkeypa
     assert torch.equal(back.lm_head.qweight, ours.lm_head.qweight)
 
 
+def test_save_and_load_a_tied_full_precision_head(tmp_path):
+    """lm_head=None on a tied model: the head is the embedding's tensor, saved once (safetensors
+    refuses two names for one tensor) and tied again on loading."""
+    module, config_cls, model_cls, extra = MODELS["qwen2"]
+    folder, _ = save_tiny(tmp_path / "source", config_cls, model_cls, **TINY, tie_word_embeddings=True)
+    ours = quantize.quantize(module.from_pretrained(folder), "int8", lm_head=None)
+    quantize.save(ours, str(tmp_path / "q"), folder)
+    back = quantize.load(str(tmp_path / "q"))
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    x = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(back(x), ours(x))
+
+
 def test_quantized_folder_through_generate(tiny_chat_checkpoint, tmp_path, capsys):
     """generate.py reads a saved int8 folder as it is; --quantize on it, or a damaged one, is one line."""
     import json
