@@ -684,6 +684,10 @@ def run(args) -> int:
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
                                       group_size=args.group_size, embeddings=args.quantize_embeddings)
     set_kernels(model, args.kernels)
+    tied = model.config.tie_word_embeddings and not parallel_run()  # (torchrun: lm_head is sliced, untied)
+    if args.quantize and not args.quantize_embeddings and tied:
+        log("[tied embeddings: the table stays in full precision beside lm_head's quantized copy; "
+            "--quantize-embeddings int8 keeps one int8 table for both]")
     if device.type == "cpu" and cpu_kernels.enabled and not cpu_kernels.available():  # built here, once
         log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")

@@ -300,6 +300,23 @@ def test_generate_cli_quantizes(tiny_chat_checkpoint, capsys):
     assert "error: --quantize-embeddings goes with --quantize int8|int4" in capsys.readouterr().err
 
 
+def test_generate_cli_points_tied_models_to_quantized_embeddings(tiny_chat_checkpoint, capsys):
+    """A tied checkpoint quantized with its table in full precision keeps that table and an int8 copy
+    of it for lm_head: the CLI says how to keep one int8 table instead."""
+    import json
+
+    import generate
+    config_path = os.path.join(tiny_chat_checkpoint, "config.json")
+    config = json.load(open(config_path))
+    json.dump({**config, "tie_word_embeddings": True}, open(config_path, "w"))
+    args = ["--model", tiny_chat_checkpoint, "--prompt", "Hello world", "--max-new-tokens", "4",
+            "--dtype", "float32", "--quantize", "int8"]
+    assert generate.main(args) == 0
+    assert "--quantize-embeddings int8 keeps one int8 table for both" in capsys.readouterr().err
+    assert generate.main(args + ["--quantize-embeddings", "int8"]) == 0
+    assert "--quantize-embeddings int8 keeps" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_save_and_load_without_quantizing_again(tmp_path, arch, scheme, monkeypatch):
