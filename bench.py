@@ -186,7 +186,15 @@ def decode_bytes_per_token(model, batch_size: int = 1, context: int = 0) -> int:
 # Timed runs
 # ----------------------------------------------------------------------------------------------
 
-def run_ours(model, prompts, new_tokens, compile: bool):
+def mean_of_runs(runs: list[dict]) -> dict:
+    """The mean of each speed over the timed runs (llama-bench reports the mean of its -r runs too),
+    with the decode speeds of every run kept beside it."""
+    return {"prefill_tok_s": sum(r["prefill_tok_s"] for r in runs) / len(runs),
+            "decode_tok_s": sum(r["decode_tok_s"] for r in runs) / len(runs),
+            "decode_runs": [round(r["decode_tok_s"], 2) for r in runs]}
+
+
+def run_ours(model, prompts, new_tokens, compile: bool, repeats: int = 3):
     device = model.device
     # Warm-up: a short generation with the same shapes. Compiled, a whole one: it compiles the
     # step and captures its CUDA graph for the timed run's cache length.
@@ -196,14 +204,16 @@ def run_ours(model, prompts, new_tokens, compile: bool):
         pass
     synchronize(device)
     warmup_s = time.perf_counter() - t0
-    generate.reset_peak_memory(device)  # the timed run's peak (not the loading's, nor the copy probe's)
-    stats = {}
-    for _ in generate.generate_tokens(model, prompts, new_tokens, compile=compile, stats=stats):
-        pass
-    synchronize(device)
-    return {"prefill_tok_s": stats["prompt_tokens"] / stats["prefill_s"],
-            "decode_tok_s": len(prompts) * (stats["new_tokens"] - 1) / stats["decode_s"],
-            "peak_memory_gb": generate.peak_memory_gb(device), "warmup_s": warmup_s}
+    generate.reset_peak_memory(device)  # the timed runs' peak (not the loading's, nor the copy probe's)
+    runs = []
+    for _ in range(repeats):
+        stats = {}
+        for _ in generate.generate_tokens(model, prompts, new_tokens, compile=compile, stats=stats):
+            pass
+        synchronize(device)
+        runs.append({"prefill_tok_s": stats["prompt_tokens"] / stats["prefill_s"],
+                     "decode_tok_s": len(prompts) * (stats["new_tokens"] - 1) / stats["decode_s"]})
+    return {**mean_of_runs(runs), "peak_memory_gb": generate.peak_memory_gb(device), "warmup_s": warmup_s}
 
 
 def communication_share(model, prompts, new_tokens: int, compile: bool) -> float:
@@ -223,22 +233,26 @@ def communication_share(model, prompts, new_tokens: int, compile: bool) -> float
     return waiting / 1e6 / wall
 
 
-def run_transformers(hf, prompts, new_tokens):
+def run_transformers(hf, prompts, new_tokens, repeats: int = 3):
     device = next(hf.parameters()).device
     x = torch.tensor(prompts, device=device)
+    runs = []
     with torch.inference_mode():
         hf.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         synchronize(device)
-        t = time.perf_counter()
-        hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        synchronize(device)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        synchronize(device)
-        total = time.perf_counter() - t
-    return {"prefill_tok_s": x.numel() / first,
-            "decode_tok_s": len(prompts) * (new_tokens - 1) / max(total - first, 1e-9)}
+        for _ in range(repeats):
+            t = time.perf_counter()
+            hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            synchronize(device)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        pad_token_id=0)
+            synchronize(device)
+            total = time.perf_counter() - t
+            runs.append({"prefill_tok_s": x.numel() / first,
+                         "decode_tok_s": len(prompts) * (new_tokens - 1) / max(total - first, 1e-9)})
+    return mean_of_runs(runs)
 
 
 # llama.cpp as a peer: ../shared/tools/llama_cpp_peer.sh builds llama-bench and writes these GGUFs of
@@ -258,12 +272,12 @@ def llama_cpp_peer(quantization: str | None, gguf: str | None) -> tuple[str, str
     return binary, gguf
 
 
-def run_llama_cpp(binary: str, gguf: str, prompt_len: int, new_tokens: int) -> dict:
+def run_llama_cpp(binary: str, gguf: str, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
     """llama.cpp's llama-bench on the GGUF, with as many threads as torch uses: its prompt and
-    generation speeds, each the mean of 3 runs."""
+    generation speeds, each the mean of `repeats` runs."""
     libraries = os.path.dirname(binary) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
     command = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-p", str(prompt_len),
-               "-n", str(new_tokens), "-r", "3", "-o", "json"]
+               "-n", str(new_tokens), "-r", str(repeats), "-o", "json"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "LD_LIBRARY_PATH": libraries})
     if out.returncode != 0:
@@ -326,17 +340,18 @@ SUITE = [
 
 
 def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, prompt_len: int,
-            new_tokens: int, compile: bool, kernels: str, json_path: str | None) -> list[dict]:
+            new_tokens: int, compile: bool, kernels: str, json_path: str | None,
+            repeats: int = 3) -> list[dict]:
     """Time one workload: our model, and `peer` (None: none), a function (prompts, new_tokens) -> its
-    row, on the same random prompts. Prints a header and a Markdown table, appends one JSON line per
-    implementation; returns the rows."""
+    row, on the same random prompts, each the mean of `repeats` timed runs. Prints a header and a
+    Markdown table, appends one JSON line per implementation; returns the rows."""
     generate.set_kernels(model, kernels)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
     bytes_per_token = decode_bytes_per_token(model, batch_size, prompt_len + new_tokens // 2)
     roofline = bandwidth / bytes_per_token * batch_size
     rows = [{"impl": "ours" + (" compiled" if compile else "") + f" ({kernels})",
-             **run_ours(model, prompts, new_tokens, compile)}]
+             **run_ours(model, prompts, new_tokens, compile, repeats)}]
     profiled = min(new_tokens, 32)  # tokens of the profiled generation under torchrun
     if generate.distributed():
         rows[0]["communication_share"] = communication_share(model, prompts, profiled, compile)
@@ -620,6 +635,8 @@ def main(argv=None):
     p.add_argument("--gguf", help="the GGUF for --compare llama.cpp (default: llama_cpp_peer.sh's)")
     p.add_argument("--suite", action="store_true",
                    help="every run of the GPU table (bench.SUITE) on one model; replaces the workload flags")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per implementation, their mean reported (llama-bench's -r)")
     p.add_argument("--json", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
     if args.plot:
@@ -630,6 +647,8 @@ def main(argv=None):
             f.write(plot_svg(records))
         print(out)
         return records
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if args.preset is None and args.model is None:
         args.preset = "cpu-qwen2"
 
@@ -680,16 +699,16 @@ def main(argv=None):
         binary, gguf = llama_cpp_peer(args.quantize, args.gguf)
 
         def peer(prompts, new_tokens):
-            return run_llama_cpp(binary, gguf, len(prompts[0]), new_tokens)
+            return run_llama_cpp(binary, gguf, len(prompts[0]), new_tokens, args.repeats)
     elif any(compare for *_, compare in workloads):
         hf = transformers_twin(model, preset, folder, device, model.dtype)
 
         def peer(prompts, new_tokens):
-            return {"impl": "transformers (sdpa)", **run_transformers(hf, prompts, new_tokens)}
+            return {"impl": "transformers (sdpa)", **run_transformers(hf, prompts, new_tokens, args.repeats)}
     rows = []
     for batch_size, prompt_len, new_tokens, compile, kernels, compare in workloads:
         rows += measure(model, peer if compare else None, name, device, bandwidth, batch_size, prompt_len,
-                        new_tokens, compile, kernels, args.json)
+                        new_tokens, compile, kernels, args.json, args.repeats)
     return rows
 
 

@@ -25,6 +25,21 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     assert f"{record['decode_tok_s']:,.1f} tok/s ({share:.0f}%)" in svg
 
 
+def test_speeds_are_the_mean_of_the_timed_runs(monkeypatch):
+    """--repeats N: N timed runs after the warm-up, each speed their mean (as llama-bench's -r),
+    every run's decode speed kept in the record."""
+    calls = []
+    real = generate.generate_tokens
+    monkeypatch.setattr(generate, "generate_tokens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rows = bench.main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "6", "--device", "cpu",
+                       "--repeats", "2"])
+    assert len(calls) == 1 + 2  # the warm-up, then two timed runs
+    runs = rows[0]["decode_runs"]
+    assert len(runs) == 2 and rows[0]["decode_tok_s"] == pytest.approx(sum(runs) / 2, rel=1e-3)
+    with pytest.raises(SystemExit, match="--repeats must be at least 1, got 0"):
+        bench.main(["--preset", "tiny", "--repeats", "0"])
+
+
 def test_decode_bytes_per_token_known_case():
     """Hand count for the tiny preset (tied embeddings: lm_head reads the table once)."""
     model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32)
@@ -220,6 +235,7 @@ def test_compare_llama_cpp_runs_llama_bench(tmp_path, monkeypatch, tiny_chat_che
     args = (tmp_path / "args.txt").read_text().split()
     assert args[args.index("-m") + 1] == str(gguf) and args[args.index("-p") + 1] == "8"
     assert args[args.index("-n") + 1] == "4" and args[args.index("-t") + 1] == str(torch.get_num_threads())
+    assert args[args.index("-r") + 1] == "3"  # as many runs as ours (--repeats)
     monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="llama-bench is not at .*nowhere; build both with bash "):
         bench.main(["--model", tiny_chat_checkpoint, "--compare", "llama.cpp", "--gguf", str(gguf)])
