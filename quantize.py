@@ -480,9 +480,8 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
                          embeddings)
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_weight")}
     params = dict(model.named_parameters())
-    names = set(params) | set(layers)
-    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens" in names
-                    or p + "embed_tokens.weight" in names)
+    modules = dict(model.named_modules())  # (the embedding is a module whether quantized or not)
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens" in modules)
     # A tied head is quantized from the embedding's tensor, unless it reads the quantized table itself.
     tied_head = (config.tie_word_embeddings and "lm_head" in layers
                  and not shares_table(model.model.embed_tokens, model.lm_head))
