@@ -447,7 +447,7 @@ def max_diff(a, b):
 
 
 def bench_prefill(rows, cfg, device, dtype):
-    from kernels import attention
+    from qwen_kernels import attention
     for name, (H, KVH, D) in cfg["attn"].items():
         for T in cfg["prefill_lens"]:
             q = torch.randn(1, H, T, D, device=device, dtype=dtype)
@@ -465,7 +465,7 @@ def bench_prefill(rows, cfg, device, dtype):
 
 
 def bench_decode(rows, cfg, device, dtype, copy_gbs):
-    from kernels import attention
+    from qwen_kernels import attention
     for name, (H, KVH, D) in cfg["attn"].items():
         for S in cfg["decode_lens"]:
             q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
@@ -503,7 +503,7 @@ def transformers_experts(w_gate_up, w_down, top_k):
 
 def bench_moe(rows, cfg, device, dtype):
     import qwen3_moe  # the model files' torch fast path
-    from kernels import moe
+    from qwen_kernels import moe
     for name, (E, K, Hd, I) in cfg["moe"].items():
         w_gate_up = (torch.randn(E, 2 * I, Hd, device=device) / Hd**0.5).to(dtype)
         w_down = (torch.randn(E, Hd, I, device=device) / I**0.5).to(dtype)
@@ -534,7 +534,7 @@ def bench_moe(rows, cfg, device, dtype):
 
 def bench_int4(rows, cfg, device, dtype):
     import quantize
-    from kernels import int4
+    from qwen_kernels import int4
     for name, (N, K) in cfg["int4"].items():
         linear = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
         layer = quantize.Int4Linear(linear, dtype, 32)

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from kernels import cpu as cpu_kernels
+from qwen_kernels import cpu as cpu_kernels
 from tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -115,8 +115,8 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
 
 
 def use_cpu_kernels(model):
-    """Give the bf16 linear layers on the CPU (attention, MLPs, routers, lm_head) kernels/cpu.cpp's
-    matrix-vector product for decode steps: each becomes a kernels.cpu.Linear, the same layer with
+    """Give the bf16 linear layers on the CPU (attention, MLPs, routers, lm_head) qwen_kernels/cpu.cpp's
+    matrix-vector product for decode steps: each becomes a qwen_kernels.cpu.Linear, the same layer with
     the same parameters and another forward (prompts still go to F.linear). quantize.py's layers call
     the kernels themselves. Nothing is built here: the kernels compile at the first decode step."""
     for layer in model.modules():
@@ -126,8 +126,8 @@ def use_cpu_kernels(model):
 
 def set_kernels(model, kernels: str):
     """Choose the implementation: the model's attention and experts (its set_kernels) and, with
-    "torch", torch's own matrix products on CPU too instead of kernels/cpu.cpp's (a process-wide
-    switch, kernels.cpu.enabled: the linear layers do not know their model)."""
+    "torch", torch's own matrix products on CPU too instead of qwen_kernels/cpu.cpp's (a process-wide
+    switch, qwen_kernels.cpu.enabled: the linear layers do not know their model)."""
     model.set_kernels(kernels)
     cpu_kernels.enabled = kernels != "torch"
 
@@ -512,7 +512,7 @@ def parse_args(argv=None):
                    help="with --quantize: the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="attention/MoE implementation (auto: Triton on CUDA when available; torch: torch's "
-                        "paths everywhere, also for the CPU matrix-vector products of kernels/cpu.cpp)")
+                        "paths everywhere, also for the CPU matrix-vector products of qwen_kernels/cpu.cpp)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None,
                        help="Qwen3: let the model reason in <think> first (the template's default)")

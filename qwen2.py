@@ -28,7 +28,7 @@ layer, model, causal LM; task heads; losses; loading. What the files share is wr
 
 Each path has a spelled-out reference beside its fast version, both tested equal: attention is
 `reference_attention` (`set_kernels("reference")`) beside torch's SDPA and, on CUDA, the Triton
-kernels of kernels/ (used when that package sits next to this file and triton is installed).
+kernels of qwen_kernels/ (used when that package sits next to this file and triton is installed).
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so hub
 checkpoints load with no renaming. transformers' `modeling_qwen2.py` is the semantics we match.
@@ -53,17 +53,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the optional Triton kernels: the kernels/ package beside this file, with triton installed
-    from kernels import attention as triton_attention
+try:  # the optional Triton kernels: the qwen_kernels/ package beside this file, with triton installed
+    from qwen_kernels import attention as triton_attention
 except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
-    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+    if (e.name or "").partition(".")[0] not in ("qwen_kernels", "triton"):
         raise  # a real error inside the kernels is not hidden
     triton_attention = None
 TRITON_KERNELS = (triton_attention,)  # all of them must be present for set_kernels("triton")
-try:  # the optional C++ CPU kernels (kernels/cpu.cpp, built on first use): decode attention on CPU
-    from kernels import cpu as cpu_kernels
+try:  # the optional C++ CPU kernels (qwen_kernels/cpu.cpp, built on first use): decode attention on CPU
+    from qwen_kernels import cpu as cpu_kernels
 except ImportError as e:  # this file copied alone: torch's SDPA serves
-    if (e.name or "").partition(".")[0] != "kernels":
+    if (e.name or "").partition(".")[0] != "qwen_kernels":
         raise
     cpu_kernels = None
 
@@ -362,7 +362,7 @@ def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
     # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
     if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
         return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
-    # A decode step on CPU: kernels/cpu.cpp, about 5x faster than SDPA there (masked keys skipped).
+    # A decode step on CPU: qwen_kernels/cpu.cpp, about 5x faster than SDPA there (masked keys skipped).
     if step.kernels == "auto" and cpu_kernels is not None and cpu_kernels.use_attention(q, k):
         return cpu_kernels.decode_attention(q, k, v, step.masks[window], scale)
     return sdpa_attention(q, k, v, step.masks[window], scale)
@@ -468,7 +468,7 @@ class Qwen2Model(nn.Module):
         if kernels not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
         if kernels == "triton" and None in TRITON_KERNELS:
-            raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
+            raise ValueError("kernels='triton' needs triton and the qwen_kernels/ package next to this file")
         self.kernels = kernels
 
     def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:

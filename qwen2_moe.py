@@ -44,8 +44,8 @@ Each path has a spelled-out reference beside its fast versions, all tested equal
 `reference_attention`, torch's SDPA, the Triton kernels. The routed experts: `experts_reference` (a
 loop over the experts that received tokens), `experts_grouped` (tokens sorted by expert, one matmul
 per active expert; the default on CPU), `experts_gathered` (static shapes, for torch.compile), and
-the fused Triton kernel of kernels/moe.py. `set_kernels` chooses; the Triton kernels are used when
-the kernels/ package sits next to this file and triton is installed.
+the fused Triton kernel of qwen_kernels/moe.py. `set_kernels` chooses; the Triton kernels are used when
+the qwen_kernels/ package sits next to this file and triton is installed.
 
 Parameter names are Hugging Face's (`model.layers.0.mlp.experts.gate_up_proj`, ...).
 transformers' `modeling_qwen2_moe.py` is the semantics we match. The file needs torch and the
@@ -72,23 +72,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the optional Triton kernels: the kernels/ package beside this file, with triton installed
-    from kernels import attention as triton_attention
+try:  # the optional Triton kernels: the qwen_kernels/ package beside this file, with triton installed
+    from qwen_kernels import attention as triton_attention
 except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
-    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+    if (e.name or "").partition(".")[0] not in ("qwen_kernels", "triton"):
         raise  # a real error inside the kernels is not hidden
     triton_attention = None
 try:
-    from kernels import moe as triton_moe
+    from qwen_kernels import moe as triton_moe
 except ImportError as e:
-    if (e.name or "").partition(".")[0] not in ("kernels", "triton"):
+    if (e.name or "").partition(".")[0] not in ("qwen_kernels", "triton"):
         raise
     triton_moe = None
 TRITON_KERNELS = (triton_attention, triton_moe)  # all of them must be present for set_kernels("triton")
-try:  # the optional C++ CPU kernels (kernels/cpu.cpp, built on first use): decode attention on CPU
-    from kernels import cpu as cpu_kernels
+try:  # the optional C++ CPU kernels (qwen_kernels/cpu.cpp, built on first use): decode attention on CPU
+    from qwen_kernels import cpu as cpu_kernels
 except ImportError as e:  # this file copied alone: torch's SDPA serves
-    if (e.name or "").partition(".")[0] != "kernels":
+    if (e.name or "").partition(".")[0] != "qwen_kernels":
         raise
     cpu_kernels = None
 
@@ -409,7 +409,7 @@ def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
     # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
     if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
         return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
-    # A decode step on CPU: kernels/cpu.cpp, about 5x faster than SDPA there (masked keys skipped).
+    # A decode step on CPU: qwen_kernels/cpu.cpp, about 5x faster than SDPA there (masked keys skipped).
     if step.kernels == "auto" and cpu_kernels is not None and cpu_kernels.use_attention(q, k):
         return cpu_kernels.decode_attention(q, k, v, step.masks[window], scale)
     return sdpa_attention(q, k, v, step.masks[window], scale)
@@ -472,7 +472,7 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tupl
     return topk_weights.to(router_logits.dtype), topk_ids
 
 
-# The routed experts: three torch paths that compute the same function (plus kernels.moe.fused_moe)
+# The routed experts: three torch paths that compute the same function (plus qwen_kernels.moe.fused_moe)
 #
 #   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
 #
@@ -639,7 +639,7 @@ class Qwen2MoeModel(nn.Module):
         if kernels not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
         if kernels == "triton" and None in TRITON_KERNELS:
-            raise ValueError("kernels='triton' needs triton and the kernels/ package next to this file")
+            raise ValueError("kernels='triton' needs triton and the qwen_kernels/ package next to this file")
         self.kernels = kernels
 
     def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:

@@ -51,7 +51,7 @@ def assert_works_copied_alone(tmp_path, model_file, checkpoint, hf_model, input_
     sees the installed third-party packages but not this project, and compare its logits with
     `hf_model`'s: as if the file had been copied into someone else's project.
 
-    `pip install -e .` puts this project's modules (and its `kernels` package) on every Python path
+    `pip install -e .` puts this project's modules (and its `qwen_kernels` package) on every Python path
     through a .pth hook; `-S` skips those hooks, and site-packages is then added back by hand.
     Inside, the guarded kernel imports must have found nothing (every `triton_*` module is None).
     """
@@ -66,7 +66,7 @@ def assert_works_copied_alone(tmp_path, model_file, checkpoint, hf_model, input_
     script = (f"import sys; sys.path[:0] = [{str(alone)!r}]\n"
               f"sys.path += [{paths['purelib']!r}, {paths['platlib']!r}]\n"
               f"import torch, {name} as m\n"
-              "assert 'kernels' not in sys.modules, 'the kernels package was imported'\n"
+              "assert 'qwen_kernels' not in sys.modules, 'the qwen_kernels package was imported'\n"
               "assert all(v is None for k, v in vars(m).items() if k.startswith('triton_')), 'triton'\n"
               f"logits = m.from_pretrained({checkpoint!r})(torch.tensor({input_ids.tolist()!r}))\n"
               f"torch.save(logits, {logits!r})\n")

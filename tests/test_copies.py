@@ -298,10 +298,10 @@ def test_guarded_kernel_import_hides_only_a_missing_package(tmp_path):
     for case, body in {"no triton": "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')",
                        "a bug": "raise RuntimeError('a bug inside the kernels')"}.items():
         folder = tmp_path / case.replace(" ", "_")
-        (folder / "kernels").mkdir(parents=True)
-        (folder / "kernels" / "__init__.py").write_text("")
+        (folder / "qwen_kernels").mkdir(parents=True)
+        (folder / "qwen_kernels" / "__init__.py").write_text("")
         for kernel in ("attention", "moe"):
-            (folder / "kernels" / f"{kernel}.py").write_text(body + "\n")
+            (folder / "qwen_kernels" / f"{kernel}.py").write_text(body + "\n")
         for file in ALL:
             shutil.copy(os.path.join(ROOT, file), folder)
             name = file.removesuffix(".py")

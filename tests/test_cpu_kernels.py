@@ -1,4 +1,4 @@
-"""kernels/cpu.cpp: every op against a float64 computation of the same formula, on shapes with
+"""qwen_kernels/cpu.cpp: every op against a float64 computation of the same formula, on shapes with
 tails (K not a multiple of 16, N not a multiple of the tile, more rows of x than one pass takes),
 in each activation dtype; the layers and the model files that call the ops; and the fallbacks.
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import generate
 import quantize
 import qwen2
-from kernels import cpu
+from qwen_kernels import cpu
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
     pytest.skip("no C++ compiler: the CPU kernels cannot be built here (the torch paths serve)",

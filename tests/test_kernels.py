@@ -1,4 +1,4 @@
-"""Triton kernels (kernels/) against their plain-torch references.
+"""Triton kernels (qwen_kernels/) against their plain-torch references.
 
 Without CUDA the kernels run in Triton's CPU interpreter (fp32/fp16: the interpreter computes
 bf16 wrongly) at small shapes; with CUDA the same tests run on the GPU, plus bf16 tests at the
@@ -31,18 +31,18 @@ if not CUDA:
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no kernels to test")
 
-import kernels.attention as attn  # noqa: E402
-import kernels.common as common  # noqa: E402
-import kernels.int4 as int4  # noqa: E402
-import kernels.moe as moe  # noqa: E402
 import quantize  # noqa: E402
+import qwen_kernels.attention as attn  # noqa: E402
+import qwen_kernels.common as common  # noqa: E402
+import qwen_kernels.int4 as int4  # noqa: E402
+import qwen_kernels.moe as moe  # noqa: E402
 
 if not CUDA:
     if _interpret_before is None:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = _interpret_before
-# Can the kernels run in this process? On CPU only if triton and kernels/ were both set up
+# Can the kernels run in this process? On CPU only if triton and qwen_kernels/ were both set up
 # for the interpreter.
 RUNS_HERE = CUDA or (common.INTERPRET
                      and (not _triton_was_imported or _interpret_before == "1"))
@@ -418,7 +418,7 @@ def test_int4_supports(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("M", [1, 8, 128])
 def test_cuda_int4_layer_takes_the_kernel_bf16(M, monkeypatch):
-    """On CUDA an Int4Linear runs kernels/int4.py (Qwen2-7B's MLP shape), equal to its reference."""
+    """On CUDA an Int4Linear runs qwen_kernels/int4.py (Qwen2-7B's MLP shape), equal to its reference."""
     layer = int4_layer(18944, 3584, 32, torch.bfloat16)
     x = torch.randn(1, M, 3584, device=DEVICE, dtype=torch.bfloat16)
     calls, kernel = [], int4.linear_int4

@@ -28,9 +28,9 @@ import transformers
 torch.set_num_threads(1)
 module = importlib.import_module(MODULE)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-assert module.triton_attention is not None, "kernels.attention did not import"
+assert module.triton_attention is not None, "qwen_kernels.attention did not import"
 moe = getattr(module, "triton_moe", None)
-assert moe is not None or MODULE == "qwen2", "kernels.moe did not import"
+assert moe is not None or MODULE == "qwen2", "qwen_kernels.moe did not import"
 
 # Count the kernel launches (the custom ops used under torch.compile call these same functions).
 calls = {"prefill": 0, "decode": 0, "moe": 0}

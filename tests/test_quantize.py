@@ -449,7 +449,7 @@ def test_int8_experts_through_the_triton_kernel():
     from conftest import ROOT
     script = (
         "import torch, qwen3_moe, quantize\n"
-        "from kernels import moe\n"
+        "from qwen_kernels import moe\n"
         "calls = []\n"
         "real = moe._fused_moe\n"
         "moe._fused_moe = lambda *a: calls.append(a[5] is not None) or real(*a)\n"

@@ -350,8 +350,8 @@ def test_compiled_static_decode_matches_transformers(tmp_path):
 
 
 def test_triton_kernels_in_the_interpreter(tmp_path):
-    """kernels='triton' routes the experts through kernels.moe.fused_moe (and attention through
-    kernels.attention); on CPU Triton's interpreter runs them (TRITON_INTERPRET=1 before import)."""
+    """kernels='triton' routes the experts through qwen_kernels.moe.fused_moe (and attention through
+    qwen_kernels.attention); on CPU Triton's interpreter runs them (TRITON_INTERPRET=1 before import)."""
     pytest.importorskip("triton")
     folder, hf, _ = build(tmp_path, num_hidden_layers=2)
     x = ids(2, 9)

@@ -197,7 +197,7 @@ TRITON_SCRIPT = r"""
 import sys, torch
 sys.path[:0] = [sys.argv[1]]
 import qwen3_moe
-assert qwen3_moe.triton_moe is not None, "kernels.moe did not import"
+assert qwen3_moe.triton_moe is not None, "qwen_kernels.moe did not import"
 calls = []
 kernel = qwen3_moe.triton_moe.fused_moe
 qwen3_moe.triton_moe.fused_moe = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
@@ -213,7 +213,7 @@ print("ok", err)
 
 
 def test_fused_moe_kernel_wiring_in_interpreter(tmp_path):
-    """kernels.moe.fused_moe (Triton's CPU interpreter here) takes the place of the torch path."""
+    """qwen_kernels.moe.fused_moe (Triton's CPU interpreter here) takes the place of the torch path."""
     pytest.importorskip("triton")
     folder, _ = save_tiny(tmp_path, Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

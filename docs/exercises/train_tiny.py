@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 import generate  # noqa: E402
 import qwen2  # noqa: E402
 
-SOURCES = ("*.py", "kernels/*.py", "tests/*.py", "README.md")
+SOURCES = ("*.py", "qwen_kernels/*.py", "tests/*.py", "README.md")
 
 
 def load_text(root: str = ROOT) -> bytes:

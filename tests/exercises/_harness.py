@@ -35,8 +35,8 @@ ANSWERS = os.path.join(ROOT, "my_answers.py")  # the default answer file (.gitig
 EXERCISES = os.path.join(ROOT, "tests", "exercises")
 IMPL_ENV, STRICT_ENV, ALONE_ENV = "QWEN_EXERCISE_IMPL", "QWEN_EXERCISE_STRICT", "QWEN_EXERCISE_ALONE"
 # What an answer may not import under QWEN_EXERCISE_ALONE=1: the project's modules and the oracle.
-FORBIDDEN = {"qwen2", "qwen2_moe", "qwen3_moe", "tokenizer", "generate", "quantize", "parallel", "kernels",
-             "transformers", "reference", "tests"}
+FORBIDDEN = {"qwen2", "qwen2_moe", "qwen3_moe", "tokenizer", "generate", "quantize", "parallel",
+             "qwen_kernels", "transformers", "reference", "tests"}
 
 
 class CheckFailed(AssertionError):

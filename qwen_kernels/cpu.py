@@ -1,11 +1,11 @@
-"""CPU matrix-vector kernels for decoding: bf16, int8 and int4 weights (kernels/cpu.cpp).
+"""CPU matrix-vector kernels for decoding: bf16, int8 and int4 weights (qwen_kernels/cpu.cpp).
 
-    from kernels import cpu
+    from qwen_kernels import cpu
     if cpu.use(x):                                                        # x (M, K), M small
         y = torch.ops.qwen_cpu.linear_int8(x, qweight, scales, bias)
 
 Decoding reads every weight once per token, so on a CPU it is as fast as its matrix-vector products
-stream the weights from memory. kernels/cpu.cpp does only that, in plain C++ loops that the compiler
+stream the weights from memory. qwen_kernels/cpu.cpp does only that, in plain C++ loops that the compiler
 vectorizes. It is built on first use with torch's C++ extension tools (`-O3 -march=native`, about
 40 s, then cached in torch's extension folder, ~/.cache/torch_extensions) and registered as the torch
 ops qwen_cpu.linear_bf16 / linear_int8 / linear_int4, which run inside torch.compile graphs too.

@@ -1,0 +1,81 @@
+"""The names this project installs at the top level live beside the packages a Qwen user has.
+
+transformers 5.25 depends on Hugging Face's kernel hub, imported as `kernels`, and imports it by
+name; our kernels package was once called `kernels/` too, and from the repository root it shadowed
+theirs, so transformers failed at import. These tests hold the fix in place: our kernel modules are
+the ones found, transformers' own model still builds and generates in the same process, and no
+installed distribution shares a top-level name with ours.
+"""
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def our_top_level_names() -> set[str]:
+    """The modules and packages pyproject.toml installs (py-modules and packages)."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        text = f.read()
+    names = set()
+    for key in ("py-modules", "packages"):
+        match = re.search(rf"^{key}\s*=\s*\[(.*?)\]", text, re.M | re.S)
+        assert match, f"pyproject.toml has no {key} list"
+        names |= set(re.findall(r'"([\w.]+)"', match.group(1)))
+    return {n.partition(".")[0] for n in names}
+
+
+def test_transformers_and_our_kernels_in_one_process_from_the_root():
+    """From the repository root (where a folder shadows an installed package of its name): build and
+    run transformers' Qwen2, then import our model files and check that their kernel modules are
+    this repository's, not absent; Hugging Face's `kernels`, where installed, stays theirs."""
+    script = f"""
+import importlib.metadata, importlib.util, os, sys
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+hf = Qwen2ForCausalLM(config).eval()
+ids = torch.tensor([[1, 2, 3]])
+hf(ids)
+hf.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)   # transformers' hub-kernel checks
+root = {ROOT!r}
+import qwen2, qwen2_moe, qwen3_moe, quantize
+ours = os.path.join(root, "qwen_kernels") + os.sep
+has_triton = importlib.util.find_spec("triton") is not None
+for m in (qwen2, qwen2_moe, qwen3_moe):
+    assert m.cpu_kernels is not None and m.cpu_kernels.__file__.startswith(ours), (m, m.cpu_kernels)
+    if has_triton:
+        assert m.triton_attention is not None, f"{{m.__name__}}: the Triton attention is absent"
+        assert m.triton_attention.__file__.startswith(ours), m.triton_attention.__file__
+        if m is not qwen2:
+            assert m.triton_moe is not None and m.triton_moe.__file__.startswith(ours), m.triton_moe
+assert quantize.cpu_kernels.__file__.startswith(ours)
+try:
+    importlib.metadata.distribution("kernels")
+except importlib.metadata.PackageNotFoundError:
+    print("no Hugging Face kernels installed")
+else:
+    import kernels
+    assert not os.path.abspath(kernels.__file__).startswith(root + os.sep), kernels.__file__
+    print("Hugging Face kernels", importlib.metadata.version("kernels"), "at", kernels.__file__)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def test_no_installed_distribution_owns_one_of_our_top_level_names():
+    """Every top-level name we install (qwen2, tokenizer, generate, qwen_kernels, ...) belongs to no
+    other distribution in this environment: a second owner means one of the two is shadowed."""
+    owners = importlib.metadata.packages_distributions()
+    ours = our_top_level_names()
+    assert {"qwen2", "generate"} <= ours, ours  # the list was read
+    clashes = {name: sorted(set(owners[name]) - {"qwen-reference", "qwen_reference"})
+               for name in ours if name in owners}
+    clashes = {name: dists for name, dists in clashes.items() if dists}
+    assert not clashes, f"installed distributions that own our top-level names: {clashes}"
