@@ -28,7 +28,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import generate
+import qwen_kernels
 import tokenizer
 
 # Published shapes (config.json of each checkpoint), random weights.
@@ -85,7 +87,7 @@ def model_class(module):
 
 def random_model(preset: dict, device, dtype, seed=0):
     """Our model with random weights of the preset's shapes (std 0.02, norms 1), on device."""
-    module = generate.model_module(preset["model_type"])
+    module = checkpoint.model_module(preset["model_type"])
     lm_cls, cfg_cls = model_class(module)
     config = cfg_cls.from_dict(preset)
     torch.manual_seed(seed)
@@ -345,7 +347,7 @@ def measure(model, peer, name: str, device, bandwidth: float, batch_size: int, p
     """Time one workload: our model, and `peer` (None: none), a function (prompts, new_tokens) -> its
     row, on the same random prompts, each the mean of `repeats` timed runs. Prints a header and a
     Markdown table, appends one JSON line per implementation; returns the rows."""
-    generate.set_kernels(model, kernels)
+    qwen_kernels.install(model, kernels)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
     bytes_per_token = decode_bytes_per_token(model, batch_size, prompt_len + new_tokens // 2)
@@ -398,7 +400,7 @@ Rows (each with its goal beside it):
            (goal: at least 0.8x SDPA's speed)
   decode   decode_attention vs SDPA, batch 1, 4K and 32K cached tokens (goal: at least equal);
            GB/s = K/V bytes / time, beside the device copy bandwidth measured on a large buffer
-  moe      fused_moe vs the model files' torch fast path (qwen3_moe.experts_grouped) and vs transformers'
+  moe      fused_moe vs the torch fast path (qwen_kernels.experts.experts_grouped) and vs transformers'
            default experts implementation (grouped_mm), 1 / 16 / 512 tokens, Qwen1.5-MoE and
            Qwen3-30B-A3B (goal: 2x the torch fast path at 1 token, 1.5x at 512);
            GB/s = bytes of the routed experts' weights / time
@@ -502,8 +504,8 @@ def transformers_experts(w_gate_up, w_down, top_k):
 
 
 def bench_moe(rows, cfg, device, dtype):
-    import qwen3_moe  # the model files' torch fast path
     from qwen_kernels import moe
+    from qwen_kernels.experts import experts_grouped  # the torch fast path
     for name, (E, K, Hd, I) in cfg["moe"].items():
         w_gate_up = (torch.randn(E, 2 * I, Hd, device=device) / Hd**0.5).to(dtype)
         w_down = (torch.randn(E, Hd, I, device=device) / I**0.5).to(dtype)
@@ -515,7 +517,7 @@ def bench_moe(rows, cfg, device, dtype):
             topk_weights = topk_weights.to(dtype)  # as the model files pass them
             args = (x, w_gate_up, w_down, topk_ids, topk_weights)
             ours = lambda: moe.fused_moe(*args)  # noqa: E731
-            fast_path = lambda: qwen3_moe.experts_grouped(*args)  # noqa: E731
+            fast_path = lambda: experts_grouped(*args)  # noqa: E731
             t_ours = bench_ms(ours)
             baselines = {"torch fast path": bench_ms(fast_path)}
             diff = max_diff(ours(), fast_path())
@@ -688,7 +690,6 @@ def main(argv=None):
         name += f" embeddings {args.quantize_embeddings}" if args.quantize_embeddings else ""
     if generate.distributed():
         name += f" on {torch.distributed.get_world_size()} ranks"
-    generate.use_cpu_kernels(model)  # as generate.load does (a preset's model did not go through it)
     bandwidth = copy_bandwidth(device)
     workloads = SUITE if args.suite else [(args.batch_size, args.prompt_len, args.new_tokens, args.compile,
                                            args.kernels, bool(args.compare))]

@@ -1,4 +1,4 @@
-"""Generate text with a Qwen checkpoint: a command line and an importable generator.
+"""Generate text with a Qwen checkpoint: the generation loop, and a command line around it.
 
     python generate.py --prompt "Write a haiku about the sea"
     python generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat
@@ -13,13 +13,12 @@ Python use:
     import generate
     model, tokenizer, defaults = generate.load("Qwen/Qwen2.5-0.5B-Instruct")
     ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
-    for token in generate.generate(model, ids, 64, temperature=0):
+    for token in generate.generate(model, ids, 64, temperature=0, stop_ids=defaults["stop_ids"]):
         print(tokenizer.decode([token]), end="")
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import signal
@@ -28,25 +27,10 @@ import time
 
 import torch
 
+import checkpoint
+import qwen_kernels
 from qwen_kernels import cpu as cpu_kernels
-from tokenizer import (
-    ENDOFTEXT,
-    IM_END,
-    THINK_CLOSE,
-    THINK_OPEN,
-    StreamDecoder,
-    Tokenizer,
-    read_json,
-    resolve_checkpoint,
-)
-
-# model_type in config.json -> the file that implements it (the MoE files extend the family).
-MODEL_FILES = {
-    "qwen2": "qwen2",          # Qwen2, Qwen2.5 (and Qwen1.5 dense checkpoints)
-    "qwen2_moe": "qwen2_moe",  # Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B
-    "qwen3_moe": "qwen3_moe",  # Qwen3-30B-A3B, Qwen3-235B-A22B
-    "qwen3": "qwen3_moe",      # dense Qwen3 = Qwen3-MoE with every layer dense
-}
+from tokenizer import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, StreamDecoder, Tokenizer, read_json
 
 
 class UsageError(ValueError):
@@ -61,121 +45,39 @@ class GroupStopped(Exception):
 # Loading
 # ----------------------------------------------------------------------------------------------
 
-def model_module(model_type: str):
-    """The model file for a config.json `model_type`."""
-    if model_type not in MODEL_FILES:
-        raise UsageError(f"unsupported model_type {model_type!r}; "
-                         f"supported: {', '.join(sorted(MODEL_FILES))}")
-    try:
-        return importlib.import_module(MODEL_FILES[model_type])
-    except ModuleNotFoundError as e:
-        if e.name != MODEL_FILES[model_type]:
-            raise
-        raise UsageError(f"model_type {model_type!r} needs {MODEL_FILES[model_type]}.py, which is not "
-                         f"present") from None
-
-
 def load(name_or_path: str, device=None, dtype=None, quantization: str | None = None, group_size: int = 32,
-         embeddings: str | None = None):
-    """Load (model, tokenizer, generation defaults) from a local folder or a hub id.
+         embeddings: str | None = None, kernels: str = "auto"):
+    """Load (model, tokenizer, generation defaults) from a local folder or a hub id, with the fast
+    paths installed (qwen_kernels.install(model, kernels)).
 
     quantization: "int8" or "int4" quantizes the weights while they load (quantize.py), and
     embeddings ("int8" or "int4") the embedding table too; a folder saved by quantize.save is already
-    quantized and loads as it is."""
-    folder = resolve_checkpoint(name_or_path)
-    config = read_json(os.path.join(folder, "config.json"))
-    if not config:
-        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
-    module = model_module(config.get("model_type"))
-    architecture = (config.get("architectures") or [None])[0]  # none named: a causal LM
+    quantized and loads as it is. Under torchrun, each rank loads its shard (parallel.py)."""
+    ckpt = checkpoint.open_checkpoint(name_or_path)
+    architecture = (ckpt.raw.get("architectures") or [None])[0]  # none named: a causal LM
     if architecture is not None and not architecture.endswith("ForCausalLM"):
         raise UsageError(f"{name_or_path} is a {architecture} checkpoint: generate.py needs a causal LM "
-                         f"(...ForCausalLM); load it with {module.__name__}.from_pretrained instead")
-    if config.get("quantization") and quantization:
-        raise UsageError(f"{name_or_path} is already quantized ({config['quantization'].get('scheme')}); "
-                         f"drop --quantize")
+                         f"(...ForCausalLM); load it with {ckpt.module.__name__}.from_pretrained instead")
+    saved = ckpt.raw.get("quantization")
+    if saved and quantization:
+        raise UsageError(f"{name_or_path} is already quantized ({saved.get('scheme')}); drop --quantize")
     if parallel_run():  # under torchrun: this rank's shard, quantized after sharding when asked
         import parallel
-        model = parallel.from_pretrained(folder, device=device, dtype=dtype)
+        model = parallel.from_pretrained(ckpt.folder, device=device, dtype=dtype)
         if quantization:
             import quantize
             quantize.quantize(model, quantization, group_size, embeddings=embeddings)
-    elif config.get("quantization") or quantization:
+    elif saved or quantization:
         import quantize
-        if config.get("quantization"):  # written by quantize.save
-            model = quantize.load(folder, device=device, dtype=dtype)
-        else:
-            model = quantize.from_pretrained(folder, quantization, group_size, device=device, dtype=dtype,
-                                             embeddings=embeddings)
+        model = (quantize.load(ckpt.folder, device=device, dtype=dtype) if saved else
+                 quantize.from_pretrained(ckpt.folder, quantization, group_size, device=device, dtype=dtype,
+                                          embeddings=embeddings))
     else:
-        model = module.from_pretrained(folder, device=device, dtype=dtype)
-    use_cpu_kernels(model)
-    tokenizer = Tokenizer(folder)
-    return model, tokenizer, generation_defaults(folder)
-
-
-def use_cpu_kernels(model):
-    """Give the bf16 linear layers on the CPU (attention, MLPs, routers, lm_head) qwen_kernels/cpu.cpp's
-    matrix-vector product for decode steps: each becomes a qwen_kernels.cpu.Linear, the same layer with
-    the same parameters and another forward (prompts still go to F.linear). quantize.py's layers call
-    the kernels themselves. Nothing is built here: the kernels compile at the first decode step."""
-    for layer in model.modules():
-        if type(layer) is torch.nn.Linear and layer.weight.dtype == torch.bfloat16 and layer.weight.is_cpu:
-            layer.__class__ = cpu_kernels.Linear
-
-
-def set_kernels(model, kernels: str):
-    """Choose the implementation: the model's attention and experts (its set_kernels) and, with
-    "torch", torch's own matrix products on CPU too instead of qwen_kernels/cpu.cpp's (a process-wide
-    switch, qwen_kernels.cpu.enabled: the linear layers do not know their model)."""
-    model.set_kernels(kernels)
-    cpu_kernels.enabled = kernels != "torch"
-
-
-def open_checkpoint(name_or_path: str, dtype=None):
-    """(folder, config.json as a dict, the model file, the class name, its config, the dtype) of a
-    checkpoint, as the model files' from_pretrained read them: for the add-ons that build a model
-    themselves (quantize.py, parallel.py)."""
-    folder = resolve_checkpoint(name_or_path)
-    raw = read_json(os.path.join(folder, "config.json"))
-    if not raw:
-        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
-    module = model_module(raw.get("model_type"))
-    architecture = (raw.get("architectures") or [next(iter(module.ARCHITECTURES))])[0]
-    if architecture not in module.ARCHITECTURES:
-        raise ValueError(f"{name_or_path} is a {architecture}, which {module.__name__}.py does not build")
-    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
-    config = config_cls.from_dict(raw)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or module.DTYPES.get(config.torch_dtype or "", torch.float32)
-    return folder, raw, module, architecture, config, dtype
-
-
-def check_shape(name: str, shape, expected):
-    """One line when checkpoint tensor `name` has another shape than the config gives it."""
-    if tuple(shape) != tuple(expected):
-        raise ValueError(f"tensor {name} has shape {tuple(shape)}, the config expects {tuple(expected)}")
-
-
-def expert_stack(prefix: str, part: str) -> str:
-    """The stacked parameter that one expert's `part` ("gate", "up" or "down") goes to."""
-    return f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-
-
-def fill_stack(stacks: dict, stack: str, shape, expert: int, part: str, name: str, tensor: torch.Tensor,
-               dtype, device) -> torch.Tensor | None:
-    """Copy one expert's projection (the hub's per-expert layout) into its layer's stack of `shape`
-    (E, N, K): gate rows [0, N/2), up rows [N/2, N), or down. `stacks` holds the stacks being filled
-    (name -> [tensor, pieces still to come]); the stack is returned once its last piece is in."""
-    if stack not in stacks:
-        pieces = shape[0] * (1 if part == "down" else 2)
-        stacks[stack] = [torch.empty(shape, dtype=dtype, device=device), pieces]
-    rows = {"gate": slice(0, shape[1] // 2), "up": slice(shape[1] // 2, None), "down": slice(None)}[part]
-    piece = stacks[stack][0][expert, rows]
-    check_shape(name, tensor.shape, piece.shape)
-    piece.copy_(tensor)
-    stacks[stack][1] -= 1
-    return stacks.pop(stack)[0] if stacks[stack][1] == 0 else None
+        model = checkpoint.from_pretrained(ckpt.folder, device=device, dtype=dtype)
+    qwen_kernels.install(model, kernels)
+    tokenizer, defaults = Tokenizer(ckpt.folder), generation_defaults(ckpt.folder)
+    defaults["stop_ids"] = stop_ids(tokenizer, defaults, chat=True)
+    return model, tokenizer, defaults
 
 
 def generation_defaults(folder: str) -> dict:
@@ -191,6 +93,14 @@ def generation_defaults(folder: str) -> dict:
         "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
         "eos_token_ids": eos,
     }
+
+
+def stop_ids(tokenizer, defaults: dict, chat: bool) -> set[int]:
+    """The tokens that end an answer: generation_config.json's eos_token_id, <|endoftext|>, and in the
+    chat format <|im_end|>."""
+    names = (IM_END, ENDOFTEXT) if chat else (ENDOFTEXT,)
+    ids = {tokenizer.token_id(name) for name in names} - {None}
+    return set(defaults["eos_token_ids"]) | ids
 
 
 def parallel_run() -> bool:
@@ -333,6 +243,8 @@ def compiled_decode_step(model):
     the model per `model_signature`, so a changed model (another kernel choice, cache shape,
     quantized layers) gets its own compilation. On the CPU the inductor size asserts go too (one per
     tensor and kernel call: 0.7 ms a step)."""
+    if getattr(model, "kernels", None) is None:  # a model as its file built it: the compiled step needs
+        qwen_kernels.install(model)                # the fast paths (the reference experts loop on the data)
     steps = model.__dict__.setdefault("_compiled_decode_steps", {})
     key = model_signature(model)
     if key not in steps:
@@ -354,15 +266,24 @@ def compiled_decode_step(model):
 
 
 def model_signature(model) -> tuple:
-    """Everything a compiled step was traced for and does not check itself: the kernels chosen,
-    every module's type, every parameter's and buffer's (the KV caches') name, dtype, shape and
-    device, and the module attributes that shape the step (an int or string, such as the cache
-    length)."""
+    """Everything a compiled step was traced for and does not check itself: every module's type,
+    every parameter's and buffer's (the KV caches') name, dtype, shape and device, and the module
+    attributes that shape the step (an int or string: the cache length, the kernels installed)."""
     tensors = [(name, t.dtype, t.shape, t.device) for name, t in model.named_parameters()]
     tensors += [(name, t.dtype, t.shape, t.device) for name, t in model.named_buffers()]
     settings = [(name, key, value) for name, m in model.named_modules() for key, value in vars(m).items()
                 if isinstance(value, (bool, int, float, str)) and not key.startswith("_")]
-    return (cpu_kernels.enabled, tuple(type(m) for m in model.modules()), tuple(tensors), tuple(settings))
+    return tuple(type(m) for m in model.modules()), tuple(tensors), tuple(settings)
+
+
+def setup_cache(model, batch_size: int, max_len: int):
+    """model.setup_cache, unless a cache of that shape is there already: the compiled step keeps its
+    cache, where its CUDA graph expects it (a step never reads the slots past its own, so what an
+    earlier generation left there is harmless)."""
+    cache = model.model.layers[0].self_attn.cache
+    if cache is None or (model.model.max_cache_len, cache.k.shape[0], cache.k.dtype, cache.k.device) != (
+            max_len, batch_size, model.dtype, model.device):
+        model.setup_cache(batch_size, max_len)
 
 
 def decoder(model, batch_size: int, mask: torch.Tensor | None, compile: bool):
@@ -415,7 +336,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
             torch.distributed.broadcast(token, src=0)
         return token
 
-    model.setup_cache(B, cache_len)
+    setup_cache(model, B, cache_len)
     step = decoder(model, B, mask, compile)
     try:
         with torch.inference_mode():
@@ -682,27 +603,23 @@ def run(args) -> int:
     # docs/benchmarks.md).
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
-                                      group_size=args.group_size, embeddings=args.quantize_embeddings)
-    set_kernels(model, args.kernels)
+                                      group_size=args.group_size, embeddings=args.quantize_embeddings,
+                                      kernels=args.kernels)
     tied = model.config.tie_word_embeddings and not parallel_run()  # (torchrun: lm_head is sliced, untied)
     if args.quantize and not args.quantize_embeddings and tied:
         log("[tied embeddings: the table stays in full precision beside lm_head's quantized copy; "
             "--quantize-embeddings int8 keeps one int8 table for both]")
-    if device.type == "cpu" and cpu_kernels.enabled and not cpu_kernels.available():  # built here, once
+    if device.type == "cpu" and args.kernels != "torch" and not cpu_kernels.available():  # built here, once
         log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")
     log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
     chat_format = not args.raw and tokenizer.has_chat_template
-    stop_ids = set(defaults["eos_token_ids"])
-    for name in ((IM_END, ENDOFTEXT) if chat_format else (ENDOFTEXT,)):
-        if tokenizer.token_id(name) is not None:
-            stop_ids.add(tokenizer.token_id(name))
     settings = {
         "temperature": defaults["temperature"] if args.temperature is None else args.temperature,
         "top_k": defaults["top_k"] if args.top_k is None else args.top_k,
         "top_p": defaults["top_p"] if args.top_p is None else args.top_p,
         "repetition_penalty": (defaults["repetition_penalty"] if args.repetition_penalty is None
                                else args.repetition_penalty),
-        "stop_ids": stop_ids,
+        "stop_ids": stop_ids(tokenizer, defaults, chat_format),
     }
     messages = [{"role": "system", "content": args.system}] if args.system else []
 

@@ -76,7 +76,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
-import generate
+import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # The process group
@@ -88,7 +88,7 @@ TIMEOUT_S = 600  # a collective that waits this long (a rank stopped without clo
 def init(device: str | None = None) -> torch.device:
     """Join the process group that torchrun's environment describes (RANK, WORLD_SIZE, MASTER_ADDR,
     ...): nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU. Returns this rank's device."""
-    kind = torch.device(device or generate.default_device()).type
+    kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     if kind == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -238,19 +238,19 @@ def gather_vocab(vocab_size: int):
 def expert_share(experts: nn.Module, first: int, count: int):
     """A forward for one layer's Experts module holding experts [first, first + count) as local
     experts [0, count): this rank's share of the routed output (the block's all-reduce adds the rest).
-    The model file's own forward (reference, grouped, gathered or Triton) runs on the local pairs."""
+    The model file's own forward (its experts_function, whichever is installed) runs on the local pairs."""
     local_forward = type(experts).forward
 
-    def forward(x, topk_ids, topk_weights, kernels: str = "auto", static: bool = False):
+    def forward(x, topk_ids, topk_weights):
         mine = (topk_ids >= first) & (topk_ids < first + count)                    # (N, K) pairs held here
-        if static:  # static shapes (compiled step): every pair, the others weighted zero
-            ids = torch.where(mine, topk_ids - first, 0)
-            return local_forward(experts, x, ids, torch.where(mine, topk_weights, 0), kernels, static)
+        if torch.compiler.is_compiling():  # shapes that do not depend on the routing: every pair, the
+            ids = torch.where(mine, topk_ids - first, 0)  # others weighted zero
+            return local_forward(experts, x, ids, torch.where(mine, topk_weights, 0))
         token, pick = torch.nonzero(mine, as_tuple=True)                           # (P,) each
         out = torch.zeros_like(x)                                                  # (N, C)
         if len(token):
             ids, weights = topk_ids[token, pick] - first, topk_weights[token, pick]  # (P,) each
-            y = local_forward(experts, x[token], ids[:, None], weights[:, None], kernels, static)  # (P, C)
+            y = local_forward(experts, x[token], ids[:, None], weights[:, None])   # (P, C)
             out.index_add_(0, token, y)
         return out
     return forward
@@ -319,60 +319,36 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None
     if rank is None:
         rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else
                        (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))))
-    folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
-    if raw.get("quantization"):
+    ckpt = checkpoint.open_checkpoint(name_or_path, dtype)
+    if ckpt.raw.get("quantization"):
         raise ValueError(f"{name_or_path} is quantized (quantize.save): shard the full-precision checkpoint "
                          f"and quantize each rank's share (generate.py --quantize does)")
-    layout = plan(config, rank, world)
+    layout = plan(ckpt.config, rank, world)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = module.ARCHITECTURES[architecture](config).to(dtype)
-    full = dict(model.named_parameters())                         # full shapes, for the checks
-    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in full)
-    files = module.safetensors_files(folder)
-    if hasattr(module, "check_expert_counts"):
-        module.check_expert_counts(full, files, backbone)
-    tied = config.tie_word_embeddings and "lm_head.weight" not in full and hasattr(model, "lm_head")
+    model = ckpt.build()
+    full = {n: tuple(p.shape) for n, p in model.named_parameters()}  # the full shapes, for the checks
+    tied = ckpt.config.tie_word_embeddings and "lm_head.weight" not in full and hasattr(model, "lm_head")
+    table = checkpoint.backbone_of(model) + "embed_tokens.weight"
     shard(model, layout)
-    local = dict(model.named_parameters())
-    stacks = {}         # stack name -> [local (E/N, ., .) tensor being filled, pieces still to come]
-    model.bytes_read = 0
-    for file in files:
-        with module.open_safetensors(file) as f:
-            for name in f.keys():
-                target = module.parameter_for(name, backbone)
-                expert = module.EXPERT_KEY.match(target) if hasattr(module, "EXPERT_KEY") else None
-                if expert:  # one expert's projection (the hub's layout): only this rank's experts are read
-                    prefix, e, part = expert[1], int(expert[2]) - layout.experts[0], expert[3]
-                    stack = generate.expert_stack(prefix, part)
-                    if not 0 <= e < local[stack].shape[0]:
-                        continue
-                    tensor = f.get_tensor(name)
-                    model.bytes_read += tensor.nbytes
-                    stacked = generate.fill_stack(stacks, stack, local[stack].shape, e, part, name, tensor,
-                                               dtype, device)
-                    if stacked is not None:
-                        module.set_parameter(model, stack, stacked)
-                elif target in local:
-                    part, shape = f.get_slice(name), tuple(full[target].shape)
-                    generate.check_shape(name, part.get_shape(), shape)
-                    tensor, nbytes = read(part, placement(target, shape, layout), shape)
-                    model.bytes_read += nbytes
-                    module.set_parameter(model, target, tensor.to(device=device, dtype=dtype))
-                    if tied and layout.world > 1 and target == backbone + "embed_tokens.weight":
-                        # the tied lm_head: its vocab slice of the embedding
-                        c = placement("lm_head.weight", tuple(tensor.shape), layout)
-                        module.set_parameter(model, "lm_head.weight", cut(tensor, c).to(device, dtype))
-                elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
-                                     f"does not match its config.json")
-    decoder = getattr(model, "transformer", getattr(model, "model", model))
-    if tied and layout.world == 1:
-        model.lm_head.weight = decoder.embed_tokens.weight
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise ValueError(f"tensor {left[0]} is missing from the checkpoint"
-                         + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
-    decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
-    return model.eval()
+    model.bytes_read, sliced = 0, set()
 
+    def read_slice(f, name, target):  # only this rank's bytes leave the file
+        tensor, nbytes = read(f.get_slice(name), placement(target, full[target], layout), full[target])
+        model.bytes_read += nbytes
+        sliced.add(target)
+        return tensor
+
+    def put(name, tensor):
+        if name not in sliced:  # a stack of this rank's experts, read one by one
+            model.bytes_read += tensor.nbytes
+        ckpt.module.set_parameter(model, name, tensor.to(device=device, dtype=ckpt.dtype))
+        if tied and layout.world > 1 and name == table:  # the tied lm_head: its vocab slice of the embedding
+            c = placement("lm_head.weight", tuple(tensor.shape), layout)
+            ckpt.module.set_parameter(model, "lm_head.weight", cut(tensor, c).to(device, ckpt.dtype))
+
+    first, stop = layout.experts
+    checkpoint.load(ckpt, model, device, expected=full, put=put, experts=lambda stack: (first, stop - first),
+                    read=read_slice)
+    if tied and layout.world == 1:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return checkpoint.finish(ckpt, model, device)

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import generate
+import checkpoint
 from qwen_kernels import cpu as cpu_kernels
 
 try:  # the Triton int4 matmul (qwen_kernels/int4.py) for int4 layers on CUDA, when triton is installed
@@ -144,6 +144,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
+        self.kernels = "auto"  # the paths forward may take: qwen_kernels.install sets it (KERNELS there)
         self.register_buffer("qweight", None)                                   # (N, K) int8
         self.register_buffer("scales", None)                                    # (N,)
         self.set_weight(linear.weight.detach())
@@ -160,7 +161,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
-        if x.dtype == self.scales.dtype and cpu_kernels.use(rows):  # qwen_kernels/cpu.cpp, bias included
+        if self.kernels == "reference":
+            return self.reference(x)
+        if x.dtype == self.scales.dtype and self.kernels != "torch" and cpu_kernels.use(rows):
+            # a decode step: qwen_kernels/cpu.cpp's matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int8(rows.contiguous(), self.qweight, self.scales, self.bias)
             return y.view(*x.shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == self.scales.dtype and len(rows) < PACKED_ROWS:
@@ -179,6 +183,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         N, K = linear.weight.shape
         self.dtype, self.group_size = dtype, group_size
+        self.kernels = "auto"  # the paths forward may take: qwen_kernels.install sets it (KERNELS there)
         self.register_buffer("qweight", None)                                   # (N, K/2) uint8
         self.register_buffer("scales", None)                                    # (N, K/G)
         self.register_buffer("zeros", None)                                     # (N, K/G)
@@ -198,19 +203,20 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                       # (M, K)
-        if x.dtype != self.scales.dtype:
+        fast = self.kernels in ("auto", "triton")
+        if x.dtype != self.scales.dtype or self.kernels == "reference":
             return self.reference(x)
         if x.is_cuda:  # the Triton kernel: the weights read as 4-bit numbers, dequantized in registers
-            if int4_kernel is None or not int4_kernel.supports(rows, self.qweight):
+            if not fast or int4_kernel is None or not int4_kernel.supports(rows, self.qweight):
                 return self.reference(x)
             y = int4_kernel.linear_int4(rows, self.qweight, self.scales, self.zeros, self.group_size,
                                         self.bias)
         elif x.device.type != "cpu":
             return self.reference(x)
-        elif cpu_kernels.use(rows):  # a decode step: cpu.cpp's matrix-vector product, bias included
+        elif fast and cpu_kernels.use(rows):  # a decode step: cpu.cpp's matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int4(rows.contiguous(), self.qweight, self.scales, self.zeros,
                                                self.group_size, self.bias)
-        elif cpu_kernels.usable(rows):  # a prompt: the matrix dequantized once, then one matrix multiply
+        elif fast and cpu_kernels.usable(rows):  # a prompt: the matrix dequantized once, then one matmul
             w = torch.ops.qwen_cpu.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
             y = F.linear(rows, w, self.bias)
         elif self.out_features % 64 == 0:  # no C++ kernels here (or --kernels torch): torch's int4 kernel
@@ -363,6 +369,10 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = DEFAULT_G
                 setattr(module, stack, QuantizedStack(weight, scheme, dtype, group_size))
     if tied:
         share_tied_table(model)
+    if getattr(model, "kernels", None):  # the paths qwen_kernels.install chose, for the new layers too
+        for module in model.modules():
+            if isinstance(getattr(module, "kernels", None), str):
+                module.kernels = model.kernels
     model.quantization = {"scheme": scheme, "group_size": group_size, "lm_head": lm_head,
                           "embeddings": embeddings}
     return model
@@ -403,66 +413,13 @@ def save(model: nn.Module, folder: str, source: str):
             shutil.copy(os.path.join(source, name), folder)
 
 
-def finish(model: nn.Module, module, config, device, source: str) -> nn.Module:
-    """Tie lm_head (the embedding's weight when it is not quantized, the quantized table when both
-    are, alike), check that every tensor arrived, compute the RoPE buffer, freeze: ready for inference."""
+def tie(model: nn.Module, config):
+    """A tied lm_head reads the embedding's weight when neither is quantized, or the quantized table
+    when both are, alike (share_tied_table)."""
     if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     elif config.tie_word_embeddings and hasattr(model, "lm_head"):
         share_tied_table(model)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t is not None and t.is_meta and not n.endswith("inv_freq")]
-    if left:
-        raise ValueError(f"{source}: tensor {left[0]} is missing from the checkpoint"
-                         + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
-    decoder = getattr(model, "transformer", getattr(model, "model", model))
-    decoder.rotary_emb.inv_freq = module.rope_frequencies(config)[0].to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(file: str):
-    """Yield (name, tensor) for each tensor of a .safetensors file, each read into memory of its own.
-
-    safetensors' safe_open maps the file instead, and each page of a mapped file that has been read
-    counts in the process' memory until the file is closed: loading a bf16 checkpoint through it to
-    quantize it held the whole checkpoint at the end (2.5 GB peak for the 0.5B model in int4, whose
-    quantized weights are 0.6 GB). The format: 8 bytes of header length, a JSON header (name ->
-    dtype, shape, [begin, end) byte offsets past the header), then the data."""
-    def damaged(why):
-        return ValueError(f"{file} is damaged or incomplete ({why}): download or copy it again")
-
-    with open(file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            raise damaged("its header runs past the end of the file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise damaged(f"unreadable header: {e}") from None
-        header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which this loader "
-                                 f"does not read")
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            data = tensor.view(-1).view(torch.uint8).numpy()                  # its bytes, to read into
-            if end - begin != len(data) or 8 + header_len + end > size:
-                raise damaged(f"tensor {name} does not fit its place in the file")
-            f.seek(8 + header_len + begin)
-            if f.readinto(data) != len(data):
-                raise damaged(f"tensor {name} is cut short")
-            yield name, tensor
-            del tensor, data  # the caller holds the only reference while it works on it
 
 
 def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
@@ -471,83 +428,68 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
     """Load a full-precision checkpoint quantized tensor by tensor as it streams in (the same layers
     as `quantize`), so that no full-precision copy of the model ever exists: a model that fits only
     in its quantized form loads. Peak memory: the quantized model, plus one tensor (for the MoE files,
-    one layer's experts) in full precision, read by `read_safetensors`."""
+    one layer's experts) in full precision."""
     check_scheme(scheme, group_size)
-    folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
+    ckpt = checkpoint.open_checkpoint(name_or_path, dtype)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):  # the quantized model's structure, no memory yet
-        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head,
-                         embeddings)
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_weight")}
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())  # (the embedding is a module whether quantized or not)
-    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens" in modules)
+    model = quantize(ckpt.build(), scheme, group_size, lm_head, embeddings)  # on the meta device: no memory
+    layers = {}  # the checkpoint's name of each quantized weight -> its layer
+    for name, m in model.named_modules():
+        if hasattr(m, "set_weight"):  # a stack of experts keeps its parameter's name; the others, .weight
+            layers[name if type(m) is QuantizedStack else name + ".weight"] = m
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, layer in layers.items():  # the full-precision shape each quantized weight stands for
+        expected[name] = getattr(layer, "shape", None) or (layer.out_features, layer.in_features)
+    table = checkpoint.backbone_of(model) + "embed_tokens.weight"
     # A tied head is quantized from the embedding's tensor, unless it reads the quantized table itself.
-    tied_head = (config.tie_word_embeddings and "lm_head" in layers
+    tied_head = (ckpt.config.tie_word_embeddings and "lm_head.weight" in layers
                  and not shares_table(model.model.embed_tokens, model.lm_head))
-    experts = {}  # stack name -> [full-precision stack being filled, pieces still to come]
-    for file in module.safetensors_files(folder):
-        for name, tensor in read_safetensors(file):
-            target = module.parameter_for(name, backbone)
-            owner, _, leaf = target.rpartition(".")
-            expert = module.EXPERT_KEY.match(target) if hasattr(module, "EXPERT_KEY") else None
-            if expert:  # one expert's projection: into its layer's stack, quantized once complete
-                prefix, e, part = expert[1], int(expert[2]), expert[3]
-                stack = generate.expert_stack(prefix, part)
-                stacked = generate.fill_stack(experts, stack, layers[stack].shape, e, part, name,
-                                               tensor, dtype, "cpu")
-                if stacked is not None:
-                    layers[stack].set_weight(stacked.to(device))
-            elif target in layers or (owner in layers and leaf == "weight"):  # a quantized weight
-                layer = layers[target if target in layers else owner]
-                shape = getattr(layer, "shape", None) or (layer.out_features, layer.in_features)
-                generate.check_shape(name, tensor.shape, shape)
-                layer.set_weight(tensor.to(device))
-            elif target in params:
-                generate.check_shape(name, tensor.shape, params[target].shape)
-                tensor = tensor.to(device=device, dtype=dtype)
-                module.set_parameter(model, target, tensor)
-            elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
-                raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
-                                 f"does not match its config.json")
-            if tied_head and target.endswith("embed_tokens.weight"):
-                layers["lm_head"].set_weight(tensor.to(device))
-            del tensor  # before the next one is read: one full-precision tensor at a time
-    return finish(model, module, config, device, name_or_path)
+    if ckpt.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)  # made from the embedding's tensor (or the table itself)
+
+    def put(name, tensor):
+        if name in layers:
+            layers[name].set_weight(tensor.to(device))
+        else:
+            ckpt.module.set_parameter(model, name, tensor.to(device=device, dtype=ckpt.dtype))
+        if tied_head and name == table:
+            layers["lm_head.weight"].set_weight(tensor.to(device))
+
+    checkpoint.load(ckpt, model, device, expected=expected, put=put, stack_device="cpu")
+    tie(model, ckpt.config)
+    return checkpoint.finish(ckpt, model, device)
 
 
 def load(name_or_path: str, device=None, dtype=None) -> nn.Module:
     """Load a folder written by `save`: the model is built, quantized while still empty (on the meta
     device, so nothing is computed), then given the stored tensors."""
     from safetensors.torch import load_file
-    folder, raw, module, architecture, config, dtype = generate.open_checkpoint(name_or_path, dtype)
-    settings = raw.get("quantization")
+    ckpt = checkpoint.open_checkpoint(name_or_path, dtype)
+    settings = ckpt.raw.get("quantization")
     if not settings:
         raise ValueError(f"{name_or_path} is not a quantized checkpoint (no quantization in its config.json)")
     scheme, group_size, lm_head = settings.get("scheme"), settings.get("group_size"), settings.get("lm_head")
     check_scheme(scheme, group_size)
-    with torch.device("meta"):
-        model = quantize(module.ARCHITECTURES[architecture](config).to(dtype), scheme, group_size, lm_head,
-                         settings.get("embeddings"))
-    state = load_file(module.safetensors_files(folder)[0], device=str(device or "cpu"))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model = quantize(ckpt.build(), scheme, group_size, lm_head, settings.get("embeddings"))
+    state = load_file(ckpt.files[0], device=str(device or "cpu"))
+    state = {k: v.to(ckpt.dtype) if v.is_floating_point() else v for k, v in state.items()}
     expected = set(model.state_dict())
-    if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        expected.discard("lm_head.weight")  # the embedding's, tied by finish
-    elif config.tie_word_embeddings and shares_table(model.model.embed_tokens, model.lm_head):
-        expected -= {n for n in expected if n.startswith("lm_head.")}  # the table's, shared by finish
+    if ckpt.config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        expected.discard("lm_head.weight")  # the embedding's, tied below
+    elif ckpt.config.tie_word_embeddings and shares_table(model.model.embed_tokens, model.lm_head):
+        expected -= {n for n in expected if n.startswith("lm_head.")}  # the table's, shared below
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)[0]
-        raise ValueError(f"{folder} does not match its config.json and quantization {settings}: tensor {odd} "
-                         f"is {'missing' if odd in expected else 'unexpected'}")
+        raise ValueError(f"{ckpt.folder} does not match its config.json and quantization {settings}: tensor "
+                         f"{odd} is {'missing' if odd in expected else 'unexpected'}")
     wanted = model.state_dict()  # the empty (meta) tensors, with their shapes
     for name, tensor in state.items():
-        want = wanted[name]
-        if tuple(want.shape) != tuple(tensor.shape):
-            raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, its config and "
-                             f"quantization {settings} expect {tuple(want.shape)}")
+        if tuple(wanted[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{ckpt.folder}: tensor {name} has shape {tuple(tensor.shape)}, its config and "
+                             f"quantization {settings} expect {tuple(wanted[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
-    return finish(model, module, config, device or "cpu", name_or_path)
+    tie(model, ckpt.config)
+    return checkpoint.finish(ckpt, model, device or "cpu")
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -17,11 +17,10 @@ where FeedForward is, on the *sparse* layers, a mixture of experts:
 Every expert (and the shared expert) is a SwiGLU MLP, `down(silu(gate(x)) * up(x))`. A token
 only runs through its K chosen experts, so most of the expert weights are idle for any one token.
 
-The sections, in the same order in all three model files: configuration; RMSNorm and RoPE;
-attention (mask, reference attention, KV cache, the per-forward `Step`, `Attention`); feed-forward
-(MLP, router, expert paths, `Experts`, `SparseMoeBlock`); layer, model, causal LM; task heads;
+The sections, in the same order in all three model files (what they share is written identically,
+and tests/test_copies.py holds them to it): configuration; RMSNorm and RoPE; attention; feed-forward
+(MLP, router, `experts_reference`, `Experts`, `SparseMoeBlock`); layer, model, causal LM; task heads;
 losses; loading.
-What the files share is written identically (tests/test_copies.py holds them to it).
 
 What differs from Qwen2 (qwen2.py):
 * The MLP of the sparse layers (layer i is sparse iff i is not in `mlp_only_layers`,
@@ -40,12 +39,12 @@ on queries and keys, an explicit head_dim, no q/k/v bias by default, slides on e
 `use_sliding_window`, and renormalises the top-k weights (norm_topk_prob true in its checkpoints;
 false in Qwen1.5-MoE and Qwen2-MoE).
 
-Each path has a spelled-out reference beside its fast versions, all tested equal. Attention:
-`reference_attention`, torch's SDPA, the Triton kernels. The routed experts: `experts_reference` (a
-loop over the experts that received tokens), `experts_grouped` (tokens sorted by expert, one matmul
-per active expert; the default on CPU), `experts_gathered` (static shapes, for torch.compile), and
-the fused Triton kernel of qwen_kernels/moe.py. `set_kernels` chooses; the Triton kernels are used when
-the qwen_kernels/ package sits next to this file and triton is installed.
+The seams. Everything here is the plain computation; faster versions are swapped in from outside
+(`qwen_kernels.install(model)`) at three places this file names once: `Attention.attention_function`
+(default `sdpa_attention`, torch's fused attention; `reference_attention` spells it out),
+`Experts.experts_function` (default `experts_reference`, a loop over the experts that received
+tokens) and the `nn.Linear` layers, found by their Hugging Face names (quantize.py and the CPU
+kernels replace them). Copied alone into another project, the file runs as it is.
 
 Parameter names are Hugging Face's (`model.layers.0.mlp.experts.gate_up_proj`, ...).
 transformers' `modeling_qwen2_moe.py` is the semantics we match. The file needs torch and the
@@ -62,6 +61,7 @@ References:
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -71,35 +71,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:  # the optional Triton kernels: the qwen_kernels/ package beside this file, with triton installed
-    from qwen_kernels import attention as triton_attention
-except ImportError as e:  # this file copied alone, or no triton: the torch paths serve
-    if (e.name or "").partition(".")[0] not in ("qwen_kernels", "triton"):
-        raise  # a real error inside the kernels is not hidden
-    triton_attention = None
-try:
-    from qwen_kernels import moe as triton_moe
-except ImportError as e:
-    if (e.name or "").partition(".")[0] not in ("qwen_kernels", "triton"):
-        raise
-    triton_moe = None
-TRITON_KERNELS = (triton_attention, triton_moe)  # all of them must be present for set_kernels("triton")
-try:  # the optional C++ CPU kernels (qwen_kernels/cpu.cpp, built on first use): decode attention on CPU
-    from qwen_kernels import cpu as cpu_kernels
-except ImportError as e:  # this file copied alone: torch's SDPA serves
-    if (e.name or "").partition(".")[0] != "qwen_kernels":
-        raise
-    cpu_kernels = None
-
-
-def use_triton(kernels: str, kernel_module, *tensors: torch.Tensor) -> bool:
-    """The one rule for every Triton kernel in this file: with `kernels="triton"` wherever the kernel
-    takes the tensors (Triton's CPU interpreter too), with "auto" on CUDA only; never with "torch"
-    or "reference", or when the kernels are absent."""
-    wanted = kernels == "triton" or (kernels == "auto" and tensors[0].is_cuda)
-    return wanted and kernel_module is not None and kernel_module.supports(*tensors)
-
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -147,8 +118,7 @@ class Qwen2MoeConfig:
     model_type: str = "qwen2_moe"
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.id2label:  # config.json's keys are strings
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -156,8 +126,7 @@ class Qwen2MoeConfig:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rope_type not in ("default", "linear", "dynamic", "yarn"):
-            raise ValueError(f"unsupported RoPE type {self.rope_type!r} "
-                             f"(supported: default, linear, dynamic, yarn)")
+            raise ValueError(f"unsupported RoPE type {self.rope_type!r} (default, linear, dynamic or yarn)")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (Qwen2-MoE uses silu)")
         self.mlp_only_layers = list(self.mlp_only_layers or [])
@@ -229,14 +198,13 @@ def rope_frequencies(config: Qwen2MoeConfig, seq_len: int | None = None) -> tupl
     """
     dim, base, p = config.head_dim, config.rope_theta, dict(config.rope_scaling or {})
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim  # (dim/2,)
-    if config.rope_type == "default":
-        return 1.0 / base ** exponents, 1.0
     if config.rope_type == "linear":  # positions divided by factor == frequencies divided by factor
         return 1.0 / base ** exponents / p["factor"], 1.0
     if config.rope_type == "dynamic":
         max_pos = config.max_position_embeddings
         seq_len = max(seq_len or max_pos, max_pos)
         base = base * ((p["factor"] * seq_len / max_pos) - (p["factor"] - 1)) ** (dim / (dim - 2))
+    if config.rope_type != "yarn":
         return 1.0 / base ** exponents, 1.0
     # YaRN: interpolate the low frequencies, keep (extrapolate) the high ones, ramp in between.
     original = p.get("original_max_position_embeddings") or config.max_position_embeddings
@@ -246,17 +214,13 @@ def rope_frequencies(config: Qwen2MoeConfig, seq_len: int | None = None) -> tupl
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
     attention_factor = p.get("attention_factor")
-    if attention_factor is None:
-        if p.get("mscale") and p.get("mscale_all_dim"):
-            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
-        else:
-            attention_factor = mscale(factor)
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    if attention_factor is None and p.get("mscale") and p.get("mscale_all_dim"):
+        attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
 
     def correction_dim(rotations):  # the dimension whose wavelength turns `rotations` times
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
     if p.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
@@ -266,7 +230,7 @@ def rope_frequencies(config: Qwen2MoeConfig, seq_len: int | None = None) -> tupl
     keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
     pos_freqs = base ** exponents
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
-    return inv_freq, float(attention_factor)
+    return inv_freq, float(mscale(factor) if attention_factor is None else attention_factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -326,37 +290,47 @@ def visibility_mask(q_slots: torch.Tensor, S: int, window: int | None,
     return visible
 
 
-def reference_attention(q, k, v, mask, scale):
+@dataclass
+class Step:
+    """One forward pass as every layer sees it, decided once by the model (`make_step`)."""
+    cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
+    sin: torch.Tensor                  # (B, T, head_dim) rotary sines
+    slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
+    num_keys: int                      # attention reads key slots [0, num_keys)
+    masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
+    key_mask: torch.Tensor | None      # (B, >= num_keys) 1 for real tokens, 0 for left padding; None: none
+
+
+def reference_attention(q, k, v, step: Step, window: int | None) -> torch.Tensor:
     """Attention spelled out, exactly as transformers' eager path computes it.
 
-    q: (B, H, T, D); k, v: (B, KVH, S, D); mask: (B|1, 1, T, S) bool or None (= all visible).
-    The H query heads are grouped G = H // KVH at a time onto their key/value head by a reshape,
-    so the repeated K/V never exists in memory.
+    q: (B, H, T, D); k, v: (B, KVH, S, D); the keys each query sees: step.masks[window]. The H query
+    heads are grouped G = H // KVH at a time onto their key/value head by a reshape, so the repeated
+    K/V never exists in memory.
     """
     B, H, T, D = q.shape
-    KVH = k.shape[1]
+    KVH, S = k.shape[1], k.shape[2]
+    mask = step.masks[window]
+    if mask is None:  # plain causal attention: the T queries are the last T of the S slots
+        mask = visibility_mask(torch.arange(S - T, S, device=q.device), S, None, None)
     qg = q.view(B, KVH, H // KVH, T, D)                                 # (B, KVH, G, T, D)
-    scores = qg @ k[:, :, None].transpose(-1, -2) * scale               # (B, KVH, G, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    scores = qg @ k[:, :, None].transpose(-1, -2) * D ** -0.5           # (B, KVH, G, T, S)
+    scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return (probs @ v[:, :, None]).view(B, H, T, D)                     # (B, H, T, D)
 
 
-def sdpa_attention(q, k, v, mask, scale):
-    """The fast torch path: the same function through torch's fused scaled_dot_product_attention.
-    mask None means plain causal attention here (no mask tensor is built; one query row sees
-    every key)."""
+def sdpa_attention(q, k, v, step: Step, window: int | None) -> torch.Tensor:
+    """The same function through torch's fused scaled_dot_product_attention (the default). With no
+    mask (plain causal) a prefill says is_causal and a one-token step sees every key."""
+    mask = step.masks[window]
     if mask is None and q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim).
-
-    One contract: `update` writes this step's keys and values at their cache slots and returns the
-    whole cache; attention reads its first `Step.num_keys` slots (a view, no copy)."""
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -364,58 +338,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, KVH, T, D) at the (T,) cache slots; return the cache, (B, KVH, max_len, D) each."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
-
-
-@dataclass
-class Step:
-    """One forward pass as every layer sees it, decided once in the model's `make_step`."""
-    cos: torch.Tensor                  # (B, T, head_dim) rotary cosines at each token's position
-    sin: torch.Tensor                  # (B, T, head_dim) rotary sines
-    slots: torch.Tensor | None         # (T,) cache slots the new keys/values go to; None: no cache
-    start: int | torch.Tensor          # slot of the first query: an int, or the slots tensor when static
-    num_keys: int                      # attention reads key slots [0, num_keys)
-    masks: dict                        # window -> (B|1, 1, T, num_keys) bool, or None: plain causal
-    left_pad: torch.Tensor | None      # (B,) padding slots at the start of each row (Triton kernels)
-    kernels: str                       # "auto" | "triton" | "torch" | "reference" (set_kernels)
-
-    @property
-    def static(self) -> bool:
-        """Static shapes (a tensor input_pos): attention spans the whole cache, for torch.compile and
-        CUDA graphs, and no path may depend on the data (no host syncs, no data-sized loops)."""
-        return torch.is_tensor(self.start)
-
-
-def cache_slots(input_pos, T: int, device) -> torch.Tensor:
-    """The (T,) cache slots of a forward's tokens: input_pos itself when it is a tensor of slots,
-    else the T slots from input_pos (None: 0) on."""
-    if torch.is_tensor(input_pos):
-        return input_pos
-    start = int(input_pos or 0)
-    return torch.arange(start, start + T, device=device)
-
-
-def attend(q, k, v, step: Step, window: int | None) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, KVH, S, D) by this step's path (set_kernels): the
-    spelled-out reference, the Triton kernels, the CPU decode kernel, or torch's SDPA. Returns
-    (B, H, T, D)."""
-    scale = q.shape[-1] ** -0.5
-    if step.kernels == "reference":
-        return reference_attention(q, k, v, step.masks[window], scale)
-    # The Triton prefill kernel takes an int start, so on the static path only one-row decode uses Triton.
-    if use_triton(step.kernels, triton_attention, q, k) and not (step.static and q.shape[2] > 1):
-        return triton_attention.attention(q, k, v, step.start, pad=step.left_pad, window=window, scale=scale)
-    # A decode step on CPU: qwen_kernels/cpu.cpp, about 5x faster than SDPA there (masked keys skipped).
-    if step.kernels == "auto" and cpu_kernels is not None and cpu_kernels.use_attention(q, k):
-        return cpu_kernels.decode_attention(q, k, v, step.masks[window], scale)
-    return sdpa_attention(q, k, v, step.masks[window], scale)
+    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KVH, T, D) at the step's slots; return slots [0, num_keys), (B, KVH, S, D) each
+        (views of the cache, no copy)."""
+        self.k.index_copy_(2, step.slots, k)
+        self.v.index_copy_(2, step.slots, v)
+        return self.k[:, :, :step.num_keys], self.v[:, :, :step.num_keys]
 
 
 class Attention(nn.Module):
+    # The seam: the function that computes attention, (q, k, v, step, window) -> (B, H, T, D).
+    # qwen_kernels.install sets faster ones on each layer; reference_attention spells it out.
+    attention_function = staticmethod(sdpa_attention)
+
     def __init__(self, config: Qwen2MoeConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -435,9 +370,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.slots is not None:                     # with a KV cache: store, then read every slot so far
-            k, v = self.cache.update(step.slots, k, v)                                 # (B, KVH, max_len, D)
-            k, v = k[:, :, :step.num_keys], v[:, :, :step.num_keys]                    # (B, KVH, S, D)
-        out = attend(q, k, v, step, self.window)                                         # (B, H, T, D)
+            k, v = self.cache.update(step, k, v)                                       # (B, KVH, S, D)
+        out = self.attention_function(q, k, v, step, self.window)                      # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -472,7 +406,7 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tupl
     return topk_weights.to(router_logits.dtype), topk_ids
 
 
-# The routed experts: three torch paths that compute the same function (plus qwen_kernels.moe.fused_moe)
+# The routed experts. What every implementation of Experts.experts_function computes:
 #
 #   out[n] = sum_k topk_weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = topk_ids[n, k]
 #
@@ -491,45 +425,12 @@ def experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights):
     return out
 
 
-def experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """The fast torch path. The N*K (token, expert) pairs are sorted by expert, so each active expert
-    works on one contiguous block of rows: one matmul per active expert and projection, everything
-    else (SiLU, routing weights, the sum over K) done once for all rows. Experts that received no
-    token are never read (a batch-1 decode step reads exactly its K experts). Only gathers
-    (index_select) move rows: index_add_ is slow on CPU. The sum over each token's K rows is
-    transformers' grouped_mm order too."""
-    N, K = topk_ids.shape
-    pair_expert = topk_ids.reshape(-1)                                    # (P,) expert of pair p = n*K + k
-    order = torch.argsort(pair_expert, stable=True)                       # (P,) pairs grouped by expert
-    counts = torch.bincount(pair_expert, minlength=w_down.shape[0]).tolist()  # pairs per expert (host sync)
-    groups, start = [], 0                                                 # (expert, its rows), active only
-    for e, n in enumerate(counts):
-        if n:
-            groups.append((e, slice(start, start + n)))
-            start += n
-    xs = x.index_select(0, order // K)                                    # (P, C) each pair's token, grouped
-    gate_up = torch.cat([F.linear(xs[rows], w_gate_up[e]) for e, rows in groups])  # (P, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (P, I) each
-    h = F.silu(gate) * up                                                 # (P, I)
-    y = torch.cat([F.linear(h[rows], w_down[e]) for e, rows in groups])   # (P, C)
-    y = y * topk_weights.reshape(-1, 1).index_select(0, order)            # (P, C) times each routing weight
-    y = y.index_select(0, torch.argsort(order))                           # (P, C) back in pair order
-    return y.view(N, K, -1).sum(dim=1)                                    # (N, C) each token's K rows summed
-
-
-def experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """The static-shape path, for torch.compile and CUDA graphs (experts_grouped's loop depends on the
-    data): each pair gathers its expert's weights, (N, K, 2I, C). It reads only the chosen experts
-    but copies them, so it suits decode steps (N small) only."""
-    gate_up = torch.einsum("nc,nkoc->nko", x, w_gate_up[topk_ids])        # (N, K, 2I)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (N, K, I) each
-    y = torch.einsum("nki,nkci->nkc", F.silu(gate) * up, w_down[topk_ids])  # (N, K, C)
-    return (y * topk_weights[..., None]).sum(dim=1)                       # (N, C)
-
-
 class Experts(nn.Module):
     """The E routed experts of one layer, stacked (as transformers 5 keeps them in memory):
     gate_up_proj (E, 2I, C), each expert's gate rows then its up rows, and down_proj (E, C, I)."""
+    # The seam: the function that computes the routed experts (its arguments are in the comment above).
+    # qwen_kernels.install sets faster ones on each layer (grouped matmuls, the fused Triton kernel).
+    experts_function = staticmethod(experts_reference)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -537,18 +438,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C).normal_(std=0.02))  # (a no-op on meta)
         self.down_proj = nn.Parameter(torch.empty(E, C, I).normal_(std=0.02))
 
-    def forward(self, x, topk_ids, topk_weights, kernels: str = "auto", static: bool = False) -> torch.Tensor:
-        """x (N, C), topk_ids and topk_weights (N, K) -> (N, C), by the path set_kernels chose:
-        experts_reference; else the fused Triton kernel (it has static shapes too); else
-        experts_gathered under static shapes; else experts_grouped."""
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if kernels == "reference":
-            return experts_reference(x, w_gate_up, w_down, topk_ids, topk_weights)
-        if use_triton(kernels, triton_moe, x, w_gate_up):
-            return triton_moe.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
-        if static:
-            return experts_gathered(x, w_gate_up, w_down, topk_ids, topk_weights)
-        return experts_grouped(x, w_gate_up, w_down, topk_ids, topk_weights)
+    def forward(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        """x (N, C), topk_ids and topk_weights (N, K) -> (N, C)."""
+        return self.experts_function(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
 
 
 class SparseMoeBlock(nn.Module):
@@ -563,13 +455,13 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, kernels: str = "auto", static: bool = False):
-        """x (B, T, C) -> (output (B, T, C), router logits (B*T, E)); kernels and static as in Experts."""
+    def forward(self, x: torch.Tensor):
+        """x (B, T, C) -> (output (B, T, C), router logits (B*T, E))."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                              # (N, C), N = B*T tokens
         router_logits = self.gate(x)                                         # (N, E) in the model dtype
         topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob)  # (N, K) each
-        routed = self.experts(x, topk_ids, topk_weights, kernels, static)    # (N, C)
+        routed = self.experts(x, topk_ids, topk_weights)                    # (N, C)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, 1) * (N, C)
         return (routed + shared).view(B, T, C), router_logits
 
@@ -594,13 +486,21 @@ class DecoderLayer(nn.Module):
         h = self.post_attention_layernorm(x)
         if not self.sparse:
             return x + self.mlp(h), None
-        h, router_logits = self.mlp(h, step.kernels, step.static)
+        h, router_logits = self.mlp(h)
         return x + h, router_logits
 
 
+def cache_slots(input_pos, T: int, device) -> torch.Tensor:
+    """The (T,) cache slots of a forward's tokens: input_pos itself when it is a tensor of slots,
+    else the T slots from input_pos (None: 0) on."""
+    if torch.is_tensor(input_pos):
+        return input_pos
+    start = int(input_pos or 0)
+    return torch.arange(start, start + T, device=device)
+
+
 class Qwen2MoeModel(nn.Module):
-    """The decoder stack: token ids -> final hidden states. It holds the KV caches and the choice of
-    kernels, which the causal LM's methods of the same names forward to."""
+    """The decoder stack: token ids -> final hidden states. It holds the KV caches."""
 
     def __init__(self, config: Qwen2MoeConfig):
         super().__init__()
@@ -609,21 +509,14 @@ class Qwen2MoeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.max_cache_len = 0   # slots of the KV caches (0: none set up)
-        self.kernels = "auto"    # see set_kernels
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens.
-
-        A cache of that shape that is already set up is kept, not cleared (a step never sees the
-        slots past its own, so old values are harmless): its memory stays where a captured CUDA
-        graph expects it."""
+        """Allocate every layer's KV cache for `batch_size` rows of up to `max_len` tokens."""
         ref = self.norm.weight  # (never quantized: quantize.py may quantize the embedding)
-        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for layer in self.layers:
-            attn, cache = layer.self_attn, layer.self_attn.cache
-            shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
-            if cache is None or (cache.k.shape, cache.k.dtype, cache.k.device) != (shape, dtype, device):
-                attn.cache = KVCache(*shape, dtype, device)
+            attn = layer.self_attn
+            attn.cache = KVCache(batch_size, attn.n_kv_heads, max_len, attn.head_dim, dtype or ref.dtype,
+                                 device or ref.device)
         self.max_cache_len = max_len
 
     def clear_cache(self):
@@ -631,48 +524,28 @@ class Qwen2MoeModel(nn.Module):
             layer.self_attn.cache = None
         self.max_cache_len = 0
 
-    def set_kernels(self, kernels: str = "auto"):
-        """Which implementation the layers run. "auto": the Triton kernels on CUDA when they are
-        present, else torch's fast paths; "triton": the Triton kernels wherever they take the tensors
-        (also Triton's CPU interpreter); "torch": never Triton; "reference": the spelled-out
-        reference paths, the easiest to read (the file's header names them)."""
-        if kernels not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(f"kernels must be auto, triton, torch or reference, not {kernels!r}")
-        if kernels == "triton" and None in TRITON_KERNELS:
-            raise ValueError("kernels='triton' needs triton and the qwen_kernels/ package next to this file")
-        self.kernels = kernels
-
     def make_step(self, input_ids, attention_mask, position_ids, input_pos, dtype) -> Step:
         """What every layer needs besides the hidden states, decided once per forward (see forward)."""
         B, T = input_ids.shape
-        if input_pos is not None and not self.max_cache_len:
-            raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_len) first")
-        static = torch.is_tensor(input_pos)
+        fixed = torch.is_tensor(input_pos)   # slots given as a tensor: attention reads the whole cache
         slots = cache_slots(input_pos, T, input_ids.device)                     # (T,)
-        start = input_pos if static else int(input_pos or 0)
-        num_keys = self.max_cache_len if static else start + T                  # key slots attention reads
-        if input_pos is not None and num_keys > self.max_cache_len:
-            raise ValueError(f"positions {start}..{num_keys} do not fit the KV cache of {self.max_cache_len} "
-                             f"(call setup_cache with a larger max_len)")
+        num_keys = self.max_cache_len if fixed else int(input_pos or 0) + T     # key slots attention reads
+        if input_pos is not None and not 0 < num_keys <= self.max_cache_len:
+            raise ValueError(f"cache slots up to {num_keys} need a KV cache that long: call "
+                             f"setup_cache(batch_size, max_len) first")
         if position_ids is None:  # with left padding, count real tokens only (as transformers' generate)
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]
-            else:
-                position_ids = slots[None].expand(B, T)                          # (B, T)
-        key_mask = attention_mask
-        if key_mask is not None and not static and bool(key_mask[:, :num_keys].all()):
-            key_mask = None                                                      # nothing hidden
+            position_ids = (slots[None].expand(B, T) if attention_mask is None
+                            else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots])   # (B, T)
+        if attention_mask is not None and not fixed and bool(attention_mask[:, :num_keys].all()):
+            attention_mask = None                                                # nothing hidden
         # Plain causal attention needs no mask tensor: SDPA's is_causal covers a prefill from slot 0,
-        # and a one-token decode sees every slot. The reference path always gets it spelled out.
-        plain = not static and key_mask is None and (T == 1 or num_keys == T) and self.kernels != "reference"
-        masks = {}                                                               # one per window size
-        for window in {layer.self_attn.window for layer in self.layers}:
-            wide = window is None or window >= num_keys
-            masks[window] = None if plain and wide else visibility_mask(slots, num_keys, window, key_mask)
+        # and a one-token step sees every slot so far.
+        plain = not fixed and attention_mask is None and (T == 1 or num_keys == T)
+        masks = {w: None if plain and (w is None or w >= num_keys) else visibility_mask(slots, num_keys, w,
+                                                                                       attention_mask)
+                 for w in {layer.self_attn.window for layer in self.layers}}            # one per window size
         cos, sin = self.rotary_emb(position_ids, dtype)                          # (B, T, head_dim) each
-        left_pad = None if key_mask is None else (key_mask[:, :num_keys] == 0).sum(-1)  # (B,)
-        return Step(cos, sin, None if input_pos is None else slots, start, num_keys, masks, left_pad,
-                    self.kernels)
+        return Step(cos, sin, None if input_pos is None else slots, num_keys, masks, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, input_pos=None, output_router_logits: bool = False):
@@ -681,15 +554,13 @@ class Qwen2MoeModel(nn.Module):
         router logits: with output_router_logits, a tuple of each sparse layer's (B*T, E) router
           logits in layer order (model dtype); else None.
 
-        input_pos: None = no cache (the whole sequence is in input_ids; a cache set up stays
-          untouched). An int = write this chunk's keys/values at cache slots [input_pos, input_pos + T)
-          and attend to every slot so far (needs `setup_cache`). A (T,) tensor of slots = the same
-          with static shapes: attention runs over the whole cache, masked (for torch.compile and
-          CUDA graphs).
-        attention_mask: (B, slots) with 1 for real tokens and 0 for (left) padding, covering every
-          slot so far (the whole cache when input_pos is a tensor). Positions then count real
-          tokens only, as transformers' generate does.
-        position_ids: (B, T) positions for RoPE, instead of the ones derived from the above.
+        input_pos: None = no cache. An int = write this chunk's keys/values at cache slots
+          [input_pos, input_pos + T) and attend to every slot so far (after `setup_cache`). A (T,)
+          tensor of slots = the same, but attention reads the whole cache, masked, so that no shape
+          depends on the position (for torch.compile and CUDA graphs).
+        attention_mask: (B, slots) 1 for real tokens, 0 for (left) padding, over every slot so far
+          (the whole cache for a tensor input_pos); positions then count real tokens only, as
+          transformers' generate does. position_ids: (B, T) RoPE positions instead of those.
         """
         x = self.embed_tokens(input_ids)                                         # (B, T, hidden)
         step = self.make_step(input_ids, attention_mask, position_ids, input_pos, x.dtype)
@@ -699,31 +570,6 @@ class Qwen2MoeModel(nn.Module):
             if output_router_logits and layer_router_logits is not None:
                 router_logits.append(layer_router_logits)                        # (B*T, E)
         return self.norm(x), (tuple(router_logits) if output_router_logits else None)
-
-
-def decoder_outputs(decoder, config, input_ids, attention_mask=None, position_ids=None,
-                    output_router_logits=None, input_pos=None):
-    """Run the decoder stack for any class of this file: (hidden states (B, T, C), router logits,
-    load-balancing loss). The last two are None unless router logits are asked for (None:
-    config.output_router_logits) and some layer is sparse; the loss leaves padding out by
-    attention_mask."""
-    if output_router_logits is None:
-        output_router_logits = config.output_router_logits
-    hidden, router_logits = decoder(input_ids, attention_mask, position_ids, input_pos, output_router_logits)
-    if not router_logits:
-        return hidden, None, None
-    token_mask = None                                                            # (B, T) of this forward
-    if attention_mask is not None:
-        token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
-    aux_loss = load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok, token_mask)
-    return hidden, router_logits, aux_loss
-
-
-def with_aux_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """loss + router_aux_loss_coef * the model's load-balancing loss of its last forward, if it has one."""
-    if model.aux_loss is None:
-        return loss
-    return loss + model.config.router_aux_loss_coef * model.aux_loss.to(loss.device)
 
 
 class Qwen2MoeForCausalLM(nn.Module):
@@ -739,16 +585,11 @@ class Qwen2MoeForCausalLM(nn.Module):
         self.router_logits: tuple[torch.Tensor, ...] | None = None  # set by forward, see there
         self.aux_loss: torch.Tensor | None = None
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate every layer's KV cache (Qwen2MoeModel.setup_cache)."""
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):  # (Qwen2MoeModel's)
         self.model.setup_cache(batch_size, max_len, dtype, device)
 
     def clear_cache(self):
         self.model.clear_cache()
-
-    def set_kernels(self, kernels: str = "auto"):
-        """Choose the implementation: "auto", "triton", "torch" or "reference" (Qwen2MoeModel.set_kernels)."""
-        self.model.set_kernels(kernels)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -766,17 +607,10 @@ class Qwen2MoeForCausalLM(nn.Module):
         """
         hidden, self.router_logits, self.aux_loss = decoder_outputs(
             self.model, self.config, input_ids, attention_mask, position_ids, output_router_logits, input_pos)
-        logits = self.logits(hidden, logits_to_keep)                             # (B, T, vocab)
-        if labels is None:
-            return logits
-        return logits, with_aux_loss(causal_lm_loss(logits, labels), self)
-
-    def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """lm_head over the last `logits_to_keep` positions (0: all): (B, T, hidden) -> (B, T, vocab)."""
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         # On 2-D rows: on CPU, a bf16 linear of a sliced 3-D tensor takes a slow batched path.
-        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
+        logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)  # (B, T, V)
+        return logits if labels is None else (logits, with_aux_loss(causal_lm_loss(logits, labels), self))
 
     @property
     def device(self):
@@ -1001,73 +835,48 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return num_experts * (f * p).sum()
 
 
+def decoder_outputs(decoder, config, input_ids, attention_mask=None, position_ids=None,
+                    output_router_logits=None, input_pos=None):
+    """Run the decoder stack for any class of this file: (hidden states (B, T, C), router logits,
+    load-balancing loss). The last two are None unless router logits are asked for (None:
+    config.output_router_logits) and some layer is sparse; the loss leaves padding out by
+    attention_mask."""
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    hidden, router_logits = decoder(input_ids, attention_mask, position_ids, input_pos, output_router_logits)
+    if not router_logits:
+        return hidden, None, None
+    token_mask = None                                                            # (B, T) of this forward
+    if attention_mask is not None:
+        token_mask = attention_mask[:, cache_slots(input_pos, input_ids.shape[1], input_ids.device)]
+    aux_loss = load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok, token_mask)
+    return hidden, router_logits, aux_loss
+
+
+def with_aux_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """loss + router_aux_loss_coef * the model's load-balancing loss of its last forward, if it has one."""
+    if model.aux_loss is None:
+        return loss
+    return loss + model.config.router_aux_loss_coef * model.aux_loss.to(loss.device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading a checkpoint
 # ----------------------------------------------------------------------------------------------
 
 MODEL_TYPES = ("qwen2_moe",)  # the config.json model_type values this file loads
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+ARCHITECTURES = {  # config.json's `architectures` -> the class this file builds for it (the first: default)
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen2MoeForSequenceClassification": Qwen2MoeForSequenceClassification,
+    "Qwen2MoeForTokenClassification": Qwen2MoeForTokenClassification,
+    "Qwen2MoeForQuestionAnswering": Qwen2MoeForQuestionAnswering,
+    "Qwen2MoeModel": Qwen2MoeModel,
+}
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
-    """A local folder, or a hub id downloaded (json and safetensors only) into the hub cache."""
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ValueError(f"{name_or_path} is a file; pass the checkpoint folder that holds config.json")
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (nor is it a hub id like "
-                                f"Qwen/Qwen1.5-MoE-A2.7B-Chat)")
-    from huggingface_hub import errors, snapshot_download
-    try:
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    except errors.GatedRepoError:
-        raise ValueError(f"{name_or_path} is gated on the hub: accept its license and log in "
-                         f"(huggingface-cli login)") from None
-    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
-        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a model on the Hugging Face "
-                                f"hub") from None
-    except errors.LocalEntryNotFoundError:
-        raise FileNotFoundError(f"cannot reach the Hugging Face hub and {name_or_path} is not in the local "
-                                f"cache; connect once or pass a local folder") from None
-    except OSError as e:  # network errors surface as OSError subclasses
-        raise FileNotFoundError(f"could not download {name_or_path}: {e}") from None
-
-
-def load_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
-    with open(path) as f:
-        return json.load(f)
-
-
-def safetensors_files(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    if not names:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks the weight file {missing[0]} named in its index")
-    return [os.path.join(folder, n) for n in names]
-
-
-def open_safetensors(file: str):
-    """safetensors' safe_open, with a damaged or truncated file reported as one clear error."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        return safe_open(file, framework="pt", device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{file} is damaged or incomplete ({e}): download or copy it again") from None
-
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 HEADS = ("lm_head", "score", "qa_outputs")  # the modules of the task heads, beside the decoder stack
 
@@ -1085,115 +894,62 @@ def parameter_for(name: str, backbone: str) -> str:
 
 # One expert's projection as hub checkpoints (and transformers 5's save_pretrained) store it; the
 # loader stacks these into mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I).
-EXPERT_KEY = re.compile(r"^((?:model\.|transformer\.)?layers\.\d+\.mlp\.experts)"
-                        r"\.(\d+)\.(gate|up|down)_proj\.weight$")
-
-
-def check_expert_counts(expected: dict, files: list[str], backbone: str):
-    """Before any tensor is read: only sparse layers have per-expert tensors, and each layer's
-    number config.num_experts."""
-    last = {}  # "model.layers.L.mlp.experts" -> (highest expert index, its tensor name)
-    for file in files:
-        with open_safetensors(file) as f:
-            for name in f.keys():
-                m = EXPERT_KEY.match(parameter_for(name, backbone))
-                if not m:
-                    continue
-                if m[1] + ".gate_up_proj" not in expected:
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: config.json "
-                                     f"makes this layer a dense MLP")
-                if int(m[2]) >= last.get(m[1], (-1, ""))[0]:
-                    last[m[1]] = (int(m[2]), name)
-    for prefix, (e, name) in last.items():
-        want = tuple(expected[prefix + ".gate_up_proj"].shape)
-        if e + 1 != want[0]:
-            raise ValueError(f"tensor {name} makes {e + 1} experts: {prefix}.gate_up_proj would have shape "
-                             f"{(e + 1, *want[1:])}, the config expects {want} (num_experts={want[0]})")
-
-
-def load_weights(model: nn.Module, folder: str, device, dtype, hint: str = ""):
-    """Stream every tensor from the safetensors files into `model` (built on the meta device):
-    one tensor at a time, straight to `device` and `dtype`, so no second full copy exists. A head
-    the model does not have (lm_head when it is tied or when loading a classifier, ...) is skipped;
-    `hint` ends the message when a tensor is missing.
-
-    Per-expert tensors `...mlp.experts.E.{gate,up,down}_proj.weight` (the hub layout) are copied
-    into their slice of the stacked parameter, allocated once on `device`; fused files that
-    already hold `...mlp.experts.gate_up_proj` / `down_proj` load as they are.
-    """
-    expected = dict(model.named_parameters())
-    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in expected)
-    files = safetensors_files(folder)
-    check_expert_counts(expected, files, backbone)
-    seen, stacked = set(), set()  # parameters (and expert pieces) read; stacked ones built from pieces
-    for file in files:
-        with open_safetensors(file) as f:
-            for name in f.keys():
-                target = parameter_for(name, backbone)
-                m = EXPERT_KEY.match(target)
-                if m:  # one expert's projection: copy it into its slice of the stacked parameter
-                    prefix, e, part = m[1], int(m[2]), m[3]
-                    stack = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
-                    shape = expected[stack].shape                           # (E, 2I, C) or (E, C, I)
-                    I = expected[f"{prefix}.down_proj"].shape[2]
-                    want = tuple(shape[1:]) if part == "down" else (I, shape[2])
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != want:
-                        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
-                                         f"{want}")
-                    if stack in seen:
-                        raise ValueError(f"tensor {name} repeats an expert of {stack}, also in the "
-                                         f"checkpoint")
-                    if stack not in stacked:                                # the first piece: allocate
-                        set_parameter(model, stack, torch.empty(shape, device=device, dtype=dtype))
-                        stacked.add(stack)
-                    rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[part]
-                    model.get_parameter(stack)[e, rows].copy_(tensor)
-                    seen.add(target)
-                    continue
-                if target not in expected:
-                    if target.partition(".")[0] in HEADS or name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
-                                     f"does not match its config.json")
-                if target in stacked:
-                    raise ValueError(f"tensor {name} repeats experts already read one by one in the "
-                                     f"checkpoint")
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[target].shape):
-                    raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
-                                     f"{tuple(expected[target].shape)}")
-                set_parameter(model, target, tensor.to(device=device, dtype=dtype))
-                seen.add(target)
-    needed = []  # the tensors the checkpoint must hold: a stacked parameter, or else each of its pieces
-    for name, p in expected.items():
-        if name in seen or not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            needed.append(name)
-            continue
-        prefix, parts = name.rsplit(".", 1)[0], ("down",) if name.endswith("down_proj") else ("gate", "up")
-        needed += [f"{prefix}.{e}.{part}_proj.weight" for e in range(p.shape[0]) for part in parts]
-    missing = [n for n in needed if n not in seen]
-    if missing:
-        expert = EXPERT_KEY.match(missing[0])
-        raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
-                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
-                         (f"; the config has {expected[expert[1] + '.down_proj'].shape[0]} experts per layer"
-                          if expert else "") + hint)
+EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor):
     module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-ARCHITECTURES = {  # config.json's `architectures` -> the class this file builds for it (the first: default)
-    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
-    "Qwen2MoeForSequenceClassification": Qwen2MoeForSequenceClassification,
-    "Qwen2MoeForTokenClassification": Qwen2MoeForTokenClassification,
-    "Qwen2MoeForQuestionAnswering": Qwen2MoeForQuestionAnswering,
-    "Qwen2MoeModel": Qwen2MoeModel,
-}
+def load_weights(model: nn.Module, folder: str, device, dtype, hint: str = ""):
+    """Stream every tensor of the folder's safetensors files into `model` (built on the meta device),
+    each straight to `device` and `dtype`, so no second copy of the model exists. A head the model
+    does not have (lm_head when it is tied or when loading a classifier, ...) is skipped; `hint` ends
+    the message when a tensor is missing. Per-expert tensors (the hub's layout) are copied into their
+    slice of the stacked parameter; files that already hold the stacks load them as they are."""
+    from safetensors import safe_open
+    expected = dict(model.named_parameters())
+    backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in expected)
+    seen, built = set(), set()  # the tensors read; the stacks built from per-expert pieces
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                target = parameter_for(name, backbone)
+                expert = EXPERT_KEY.match(target)
+                stack = expert and expert[1] + (".down_proj" if expert[3] == "down" else ".gate_up_proj")
+                if expert and stack in expected and int(expert[2]) < expected[stack].shape[0]:
+                    if stack not in built:  # its first piece: the whole stack, on the device
+                        whole = torch.empty(expected[stack].shape, device=device, dtype=dtype)
+                        set_parameter(model, stack, whole)
+                        built.add(stack)
+                    I = expected[expert[1] + ".down_proj"].shape[2]
+                    rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[expert[3]]
+                    place = model.get_parameter(stack)[int(expert[2]), rows]    # this expert's rows
+                elif target in expected and not expert:
+                    place = expected[target]
+                elif target.partition(".")[0] in HEADS or name.endswith("rotary_emb.inv_freq"):
+                    continue
+                else:
+                    raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "
+                                     f"does not match its config.json")
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(place.shape):
+                    raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                     f"{tuple(place.shape)}")
+                if expert:
+                    place.copy_(tensor)
+                else:
+                    set_parameter(model, target, tensor.to(device=device, dtype=dtype))
+                seen.add(target)
+    missing = [n for n in expected if n not in seen and n not in built]
+    for stack in sorted(built):  # a stack built from pieces needs every expert's
+        prefix, parts = stack.rpartition(".")[0], ("down",) if stack.endswith("down_proj") else ("gate", "up")
+        missing += [piece for e in range(expected[stack].shape[0]) for part in parts
+                    if (piece := f"{prefix}.{e}.{part}_proj.weight") not in seen]
+    if missing:
+        raise ValueError(f"tensor {missing[0]} is missing from the checkpoint" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + hint)
 
 
 def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: str | None = None) -> nn.Module:
@@ -1204,11 +960,19 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: st
     one config.json's `architectures` names (the causal LM when it names none). The decoder stack
     alone ("Qwen2MoeModel") loads from a checkpoint of any of them, for embeddings.
     dtype: a torch dtype or its name; default the checkpoint's own dtype (config.json's torch_dtype).
-    device: default "cpu". Parameters load with requires_grad=False; call
-    `model.requires_grad_(True)` to train.
+    device: default "cpu". Parameters load with requires_grad=False; call `model.requires_grad_(True)`
+    to train.
     """
-    folder = resolve_checkpoint(name_or_path)
-    raw = load_config(folder)
+    folder = os.path.expanduser(name_or_path)
+    if not os.path.isdir(folder):  # a hub id: download its json and safetensors files into the hub cache
+        if folder.startswith((".", "/", "~")) or folder.count("/") != 1:
+            raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist")
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
     if raw.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{name_or_path} has model_type {raw.get('model_type')!r}; "
                          f"{os.path.basename(__file__)} loads {' and '.join(map(repr, MODEL_TYPES))}")
@@ -1218,11 +982,9 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: st
         raise ValueError(f"{name_or_path} is a {architecture}, which {os.path.basename(__file__)} does not "
                          f"build (it builds {', '.join(ARCHITECTURES)}; choose one with architecture=)")
     config = Qwen2MoeConfig.from_dict(raw)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-        dtype = DTYPES[dtype]
-    dtype = dtype or DTYPES.get(config.torch_dtype or "", torch.float32)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    dtype = DTYPES.get(dtype, dtype) or DTYPES.get(config.torch_dtype or "", torch.float32)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = ARCHITECTURES[architecture](config)
@@ -1233,3 +995,4 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: st
     decoder = getattr(model, "transformer", getattr(model, "model", model))
     decoder.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)  # a buffer, not a weight
     return model.eval()
+

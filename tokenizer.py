@@ -188,9 +188,8 @@ class StreamDecoder:
         return text
 
 
-# The checkpoint folder. Each model file carries its own copy of resolve_checkpoint so that it
-# stands alone; this one serves the tokenizer and generate.py (tests/test_copies.py keeps the copies
-# identical).
+# The checkpoint folder, for the tokenizer and for checkpoint.py (generate.py's and the add-ons' reader):
+# one clear line for every way a name can fail. The model files' loaders have a shorter one of their own.
 def resolve_checkpoint(name_or_path: str) -> str:
     """A local folder, or a hub id downloaded (json and safetensors only) into the hub cache."""
     path = os.path.expanduser(name_or_path)

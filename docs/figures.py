@@ -31,6 +31,7 @@ if ROOT not in sys.path:
 import generate  # noqa: E402
 import qwen2  # noqa: E402
 import qwen2_moe  # noqa: E402
+import qwen_kernels  # noqa: E402
 
 SENTENCE = "The cat sat on the mat because it was tired, so the cat slept all day."
 PROMPT = "def fibonacci(n):\n"
@@ -301,7 +302,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tok, _ = generate.load(args.checkpoint, dtype=torch.float32)
-    model.set_kernels("reference")
+    qwen_kernels.install(model, "reference")
     os.makedirs(args.out, exist_ok=True)
 
     def write(name, content):

@@ -24,6 +24,8 @@ Functions
     decode_attention      flash-decoding kernel for T == 1 (decode.py)
     attention             picks one of the two (inside torch.compile: as opaque custom ops)
     supports              can the kernels take these tensors?
+    model_attention       the model files' attention seam (`Attention.attention_function`) filled by
+                          `attention`, for qwen_kernels.install
 """
 
 from typing import Optional
@@ -121,3 +123,25 @@ def attention(q, k, v, start, pad=None, window=None, scale=None):
     if T == 1:
         return decode_attention(q, k, v, start, pad, window, scale)
     return prefill_attention(q, k, v, start, pad, window, scale)
+
+
+# ----------------------------------------------------------------------------------------
+# The model files' seam
+# ----------------------------------------------------------------------------------------
+def model_attention(fallback, cuda_only: bool = True):
+    """A function for the model files' `Attention.attention_function`, (q, k, v, step, window) -> out:
+    these kernels where they take the tensors (on CUDA only, unless cuda_only is False: then also
+    Triton's CPU interpreter), else `fallback`. The step gives the cache slots (its first one is
+    `start`) and the padding mask (its zeros before each row's first token are `pad`)."""
+    def attention_function(q, k, v, step, window):
+        T = q.shape[2]
+        # The prefill kernel takes an int start: inside torch.compile (fixed shapes) only one-row steps.
+        if (cuda_only and not q.is_cuda) or not supports(q, k) or (T > 1 and torch.compiler.is_compiling()):
+            return fallback(q, k, v, step, window)
+        if step.slots is None:                                    # no cache: the queries start at slot 0
+            start = 0
+        else:                                           # (1,) on the device, or an int for a prefill
+            start = step.slots if T == 1 else int(step.slots[0])
+        pad = None if step.key_mask is None else (step.key_mask[:, :k.shape[2]] == 0).sum(-1)  # (B,)
+        return attention(q, k, v, start, pad=pad, window=window)
+    return attention_function

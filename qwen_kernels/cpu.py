@@ -10,11 +10,13 @@ vectorizes. It is built on first use with torch's C++ extension tools (`-O3 -mar
 40 s, then cached in torch's extension folder, ~/.cache/torch_extensions) and registered as the torch
 ops qwen_cpu.linear_bf16 / linear_int8 / linear_int4, which run inside torch.compile graphs too.
 
-Callers (quantize.py's Int8Linear and Int4Linear, and `Linear` below for bf16 weights) keep torch's
-paths beside the kernels and take them when `use(x)` says False: x not on the CPU, more rows than
-ROWS (a prompt: torch's matrix multiply is faster there), `enabled` set to False (generate.py's
---kernels torch), QWEN_CPU_KERNELS=0 in the environment, or kernels that could not be built (no C++
-compiler; the reason is in `unavailable_reason`).
+The seams it fills (qwen_kernels.install puts them in; quantize.py's Int8Linear and Int4Linear call
+the ops themselves): the bf16 `nn.Linear` layers become `Linear` below, and the model files'
+`Attention.attention_function` becomes `model_attention(...)`, the decode attention for one-token
+steps. Each keeps torch's path beside the kernel and takes it when `use(x)` (or `use_attention`)
+says False: x not on the CPU, more rows than ROWS (a prompt: torch's matrix multiply is faster
+there), QWEN_CPU_KERNELS=0 in the environment, or kernels that could not be built (no C++ compiler;
+the reason is in `unavailable_reason`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROWS = 4          # up to this many rows of x (decode steps, small batches); measured in docs/quantization.md
-enabled = True    # False: every caller takes torch's path (generate.py and bench.py --kernels torch)
 unavailable_reason = ""
 _built: bool | None = None
 
@@ -71,8 +72,8 @@ def build_name() -> str:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Can the kernels take x: on the CPU, switched on and built?"""
-    return enabled and x.device.type == "cpu" and available()
+    """Can the kernels take x: on the CPU, and built?"""
+    return x.device.type == "cpu" and available()
 
 
 def use(x: torch.Tensor) -> bool:
@@ -96,6 +97,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.ops.qwen_cpu.decode_attention(q, k, v, mask, scale)
 
 
+def model_attention(fallback):
+    """A function for the model files' `Attention.attention_function`, (q, k, v, step, window) -> out:
+    the decode attention above for one-token steps on the CPU (about 5x faster than SDPA there: it
+    skips the keys the mask hides), else `fallback`."""
+    def attention_function(q, k, v, step, window):
+        if use_attention(q, k):
+            return decode_attention(q, k, v, step.masks[window], q.shape[-1] ** -0.5)
+        return fallback(q, k, v, step, window)
+    return attention_function
+
+
 def _register_fakes():
     """Shapes for torch.compile, which traces the ops without running them."""
     def out(x, weight):
@@ -113,8 +125,8 @@ def _register_fakes():
 
 class Linear(nn.Linear):
     """nn.Linear with bf16 weights whose decode steps take qwen_cpu.linear_bf16 (same parameters,
-    same results within bf16 rounding); everything else goes to F.linear. generate.py turns a loaded
-    model's bf16 nn.Linear layers into this class on CPU (`use_cpu_kernels`)."""
+    same results within bf16 rounding); everything else goes to F.linear. qwen_kernels.install turns a
+    model's bf16 nn.Linear layers on the CPU into this class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.bfloat16 and self.weight.is_contiguous() and use(x):

@@ -288,3 +288,16 @@ def _fused_moe_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 @_fused_moe_op.register_fake
 def _(x, w_gate_up, w_down, topk_ids, topk_weights, gate_up_scales=None, down_scales=None):
     return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The model files' seam
+# ----------------------------------------------------------------------------------------
+def model_experts(fallback, cuda_only: bool = True):
+    """A function for the MoE files' `Experts.experts_function`: fused_moe where it takes the tensors
+    (on CUDA only, unless cuda_only is False: then also Triton's CPU interpreter), else `fallback`."""
+    def experts_function(x, w_gate_up, w_down, topk_ids, topk_weights):
+        if (cuda_only and not x.is_cuda) or not supports(x, w_gate_up):
+            return fallback(x, w_gate_up, w_down, topk_ids, topk_weights)
+        return fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+    return experts_function

@@ -7,6 +7,7 @@ import torch
 
 import bench
 import generate
+import qwen_kernels
 
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):
@@ -131,7 +132,7 @@ def test_compiled_decode_follows_changes_to_the_model():
     quantize.quantize(model, "int8")
     assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
             == generate.generate_batch(model, prompts, 6, temperature=0))
-    model.set_kernels("reference")
+    qwen_kernels.install(model, "reference")
     assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
             == generate.generate_batch(model, prompts, 6, temperature=0))
     assert len(model._compiled_decode_steps) == 3

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import generate
 import quantize
 import qwen2
+import qwen_kernels
 from qwen_kernels import cpu
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -103,7 +104,7 @@ def test_int4_layer_without_the_kernels_takes_torchs_int4_kernel(monkeypatch):
     """No kernels (no compiler, or --kernels torch): torch's own int4 kernel on the weights repacked
     in its layout once, still equal to the reference."""
     layer = quantize.Int4Linear(torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16), torch.bfloat16, 32)
-    monkeypatch.setattr(cpu, "enabled", False)
+    layer.kernels = "torch"  # (qwen_kernels.install(model, "torch") sets it)
     x = torch.randn(1, 2, 256, dtype=torch.bfloat16)
     got, want = layer(x), layer.reference(x)
     assert layer._torch_layout is not None
@@ -187,17 +188,16 @@ def tiny_bf16_model(seed=0, **extra):
 
 
 def test_model_with_the_kernels_matches_torchs_paths(monkeypatch):
-    """A bf16 model whose linear layers were given the kernels (generate.use_cpu_kernels), decoding
+    """A bf16 model whose linear layers were given the kernels (qwen_kernels.install), decoding
     through its KV cache, gives torch's logits within bf16 rounding and the same greedy tokens."""
     model = tiny_bf16_model()
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model.set_kernels("torch")
+        qwen_kernels.install(model, "torch")
         want = [t.tolist() for t in generate.generate_tokens(model, prompt.tolist(), 12)]
         want_logits = model(prompt)
-        generate.use_cpu_kernels(model)
+        qwen_kernels.install(model)
         assert all(type(m) is cpu.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
-        model.set_kernels("auto")
         calls = []
         real = cpu.decode_attention
         monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or real(*a))
@@ -209,11 +209,12 @@ def test_model_with_the_kernels_matches_torchs_paths(monkeypatch):
     torch.testing.assert_close(got_logits.float(), want_logits[:, :1].float(), atol=0.05, rtol=0)
 
 
-def test_disabled_kernels_leave_torchs_paths(monkeypatch):
-    """cpu.enabled = False (generate.py --kernels torch): F.linear and SDPA, bit for bit."""
+def test_kernels_torch_leaves_torchs_paths():
+    """install(model, "torch") after "auto" (generate.py --kernels torch): F.linear and SDPA, bit for bit."""
     plain, kerneled = tiny_bf16_model(), tiny_bf16_model()
-    generate.use_cpu_kernels(kerneled)
-    monkeypatch.setattr(cpu, "enabled", False)
+    qwen_kernels.install(kerneled)
+    qwen_kernels.install(kerneled, "torch")
+    assert not any(type(m) is cpu.Linear for m in kerneled.modules())
     x = torch.randint(0, 256, (1, 1))
     with torch.no_grad():
         plain.setup_cache(1, 4)
@@ -228,8 +229,8 @@ def test_real_checkpoint_answers_the_same_with_the_kernels(real_ckpt, monkeypatc
     for question in ("Write a Python function that adds two numbers.", "What is a hash table?",
                      "Name three prime numbers."):
         prompt = tok.encode_chat([{"role": "user", "content": question}])
+        qwen_kernels.install(model, "auto")
         got = list(generate.generate(model, prompt, 32, stop_ids=stop))
-        monkeypatch.setattr(cpu, "enabled", False)
+        qwen_kernels.install(model, "torch")
         want = list(generate.generate(model, prompt, 32, stop_ids=stop))
-        monkeypatch.setattr(cpu, "enabled", True)
         assert got == want, question

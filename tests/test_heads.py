@@ -212,7 +212,8 @@ def test_moe_heads_add_the_aux_loss_like_the_causal_lm(tmp_path, arch):
 def test_checkpoints_load_as_the_class_config_json_names(tmp_path):
     folder, hf, ours = build(tmp_path / "tok", "qwen3", "ForTokenClassification", num_labels=4,
                              id2label={0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC"})
-    assert type(ours) is qwen3_moe.Qwen3MoeForTokenClassification
+    assert type(ours) is qwen3_moe.Qwen3ForTokenClassification  # transformers' dense name
+    assert isinstance(ours, qwen3_moe.Qwen3MoeForTokenClassification)
     assert ours.config.id2label == {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC"}
     assert ours.config.num_labels == 4
     with open(os.path.join(folder, "config.json")) as f:
@@ -264,7 +265,7 @@ def test_embed_is_last_token_pooling_normalised(tmp_path, padding):
     with open(os.path.join(folder, "config.json")) as f:
         assert json.load(f)["architectures"] == ["Qwen3Model"]
     ours = qwen3_moe.from_pretrained(folder)
-    assert type(ours) is qwen3_moe.Qwen3MoeModel
+    assert type(ours) is qwen3_moe.Qwen3Model  # transformers' dense name
     ids, mask, positions = batch(padding)
     with torch.no_grad():
         hidden = hf(ids, attention_mask=mask, position_ids=positions).last_hidden_state

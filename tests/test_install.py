@@ -29,8 +29,9 @@ def our_top_level_names() -> set[str]:
 
 def test_transformers_and_our_kernels_in_one_process_from_the_root():
     """From the repository root (where a folder shadows an installed package of its name): build and
-    run transformers' Qwen2, then import our model files and check that their kernel modules are
-    this repository's, not absent; Hugging Face's `kernels`, where installed, stays theirs."""
+    run transformers' Qwen2, then import our model files and kernels, and check that the kernel
+    modules are this repository's, not absent, and that install() puts them into a model; Hugging
+    Face's `kernels`, where installed, stays theirs."""
     script = f"""
 import importlib.metadata, importlib.util, os, sys
 import torch
@@ -42,17 +43,23 @@ ids = torch.tensor([[1, 2, 3]])
 hf(ids)
 hf.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)   # transformers' hub-kernel checks
 root = {ROOT!r}
-import qwen2, qwen2_moe, qwen3_moe, quantize
+import qwen2, qwen2_moe, qwen3_moe, quantize, qwen_kernels
+from qwen_kernels import cpu, experts
 ours = os.path.join(root, "qwen_kernels") + os.sep
-has_triton = importlib.util.find_spec("triton") is not None
-for m in (qwen2, qwen2_moe, qwen3_moe):
-    assert m.cpu_kernels is not None and m.cpu_kernels.__file__.startswith(ours), (m, m.cpu_kernels)
-    if has_triton:
-        assert m.triton_attention is not None, f"{{m.__name__}}: the Triton attention is absent"
-        assert m.triton_attention.__file__.startswith(ours), m.triton_attention.__file__
-        if m is not qwen2:
-            assert m.triton_moe is not None and m.triton_moe.__file__.startswith(ours), m.triton_moe
-assert quantize.cpu_kernels.__file__.startswith(ours)
+for m in (qwen_kernels, cpu, experts, quantize.cpu_kernels):
+    assert m.__file__.startswith(ours), m.__file__
+triton = importlib.util.find_spec("triton") is not None
+if triton:
+    for name in ("attention", "moe", "int4"):
+        m = qwen_kernels.triton_module(name)
+        assert m is not None and m.__file__.startswith(ours), (name, m)
+ours_model = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=4,
+                                                      num_key_value_heads=2))
+qwen_kernels.install(ours_model)
+fn = ours_model.model.layers[0].self_attn.attention_function
+assert fn.__module__ == ("qwen_kernels.attention" if triton else "qwen_kernels.cpu"), fn.__module__
+assert sys.modules[fn.__module__].__file__.startswith(ours)
 try:
     importlib.metadata.distribution("kernels")
 except importlib.metadata.PackageNotFoundError:
@@ -67,6 +74,32 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def test_install_falls_back_only_when_triton_is_absent(tmp_path):
+    """install() takes torch's paths when triton is absent, and raises any other error of the Triton
+    kernels' modules (a bug there must not silently become the slow path)."""
+    import shutil
+    for case, body in {"no triton": "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')",
+                       "a bug": "raise RuntimeError('a bug inside the kernels')"}.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(os.path.join(ROOT, "qwen_kernels"), folder / "qwen_kernels",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for kernel in ("attention", "moe"):
+            (folder / "qwen_kernels" / f"{kernel}.py").write_text(body + "\n")
+        shutil.copy(os.path.join(ROOT, "qwen3_moe.py"), folder)
+        script = ("import torch, qwen3_moe, qwen_kernels\n"
+                  "config = qwen3_moe.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, "
+                  "num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, "
+                  "moe_intermediate_size=16)\n"
+                  "model = qwen_kernels.install(qwen3_moe.Qwen3MoeForCausalLM(config))\n"
+                  "print(model.model.layers[0].mlp.experts.experts_function.__module__)\n")
+        out = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True,
+                             timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        if case == "no triton":
+            assert out.returncode == 0 and out.stdout.strip() == "qwen_kernels.experts", out.stderr[-2000:]
+        else:
+            assert out.returncode != 0 and "RuntimeError: a bug inside the kernels" in out.stderr, out
 
 
 def test_no_installed_distribution_owns_one_of_our_top_level_names():

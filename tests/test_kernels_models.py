@@ -24,13 +24,15 @@ ROOT, MODULE, HF_CLASSES, CONFIG = sys.argv[1], sys.argv[2], json.loads(sys.argv
 sys.path[:0] = [ROOT, ROOT + "/tests"]
 from conftest import save_tiny
 import generate
+import qwen_kernels
 import transformers
 torch.set_num_threads(1)
 module = importlib.import_module(MODULE)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-assert module.triton_attention is not None, "qwen_kernels.attention did not import"
-moe = getattr(module, "triton_moe", None)
-assert moe is not None or MODULE == "qwen2", "qwen_kernels.moe did not import"
+from qwen_kernels import attention as attn
+moe = None
+if MODULE != "qwen2":
+    from qwen_kernels import moe
 
 # Count the kernel launches (the custom ops used under torch.compile call these same functions).
 calls = {"prefill": 0, "decode": 0, "moe": 0}
@@ -39,7 +41,6 @@ def counting(name, fn):
         calls[name] += 1
         return fn(*args, **kwargs)
     return wrapper
-attn = module.triton_attention
 attn.prefill_attention = counting("prefill", attn.prefill_attention)
 attn.decode_attention = counting("decode", attn.decode_attention)
 if moe is not None:
@@ -55,8 +56,8 @@ for dtype in ([torch.float32, torch.bfloat16] if device == "cuda" else [torch.fl
     model = module.from_pretrained(folder, device=device, dtype=dtype)
     # 1. A padded prefill: logits of every real position.
     with torch.no_grad():
-        model.set_kernels("torch"); ref = model(x, attention_mask=mask).float()
-        model.set_kernels("triton"); got = model(x, attention_mask=mask).float()
+        qwen_kernels.install(model, "torch"); ref = model(x, attention_mask=mask).float()
+        qwen_kernels.install(model, "triton"); got = model(x, attention_mask=mask).float()
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     err = max((got[0] - ref[0]).abs().max().item(), (got[1, 6:] - ref[1, 6:]).abs().max().item())
     assert err < tol, f"{dtype}: prefill logits differ by {err}"
@@ -64,8 +65,8 @@ for dtype in ([torch.float32, torch.bfloat16] if device == "cuda" else [torch.fl
     if dtype == torch.bfloat16:
         continue  # greedy tokens of a random model may part ways in bf16; float32 checks them
     # 2. Generation, eager and compiled: the same greedy tokens.
-    model.set_kernels("torch"); expected = generate.generate_batch(model, prompts, 6)
-    model.set_kernels("triton"); before = dict(calls)
+    qwen_kernels.install(model, "torch"); expected = generate.generate_batch(model, prompts, 6)
+    qwen_kernels.install(model, "triton"); before = dict(calls)
     tokens = generate.generate_batch(model, prompts, 6)
     assert tokens == expected, ("eager", tokens, expected)
     assert calls["prefill"] > before["prefill"] and calls["decode"] > before["decode"], calls

@@ -22,9 +22,11 @@ transformers = pytest.importorskip("transformers")
 
 from parallel_worker import PROMPTS, padded_steps  # noqa: E402
 
+import checkpoint  # noqa: E402
 import generate  # noqa: E402
 import parallel  # noqa: E402
 import quantize  # noqa: E402
+from tokenizer import read_json  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform != "linux",
                                 reason="needs torch.distributed (gloo) on Linux")
@@ -86,7 +88,7 @@ def run_worker(tmp_path, n, checks, folders):
 
 def one_process(folder):
     """The model file alone, and what the worker computes with it."""
-    module = generate.model_module(generate.read_json(os.path.join(folder, "config.json"))["model_type"])
+    module = checkpoint.model_module(read_json(os.path.join(folder, "config.json"))["model_type"])
     model = module.from_pretrained(folder, dtype=torch.float32)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -150,7 +152,7 @@ def test_compiled_decode_gives_the_generations_of_one_process(tmp_path, folders)
 def test_each_rank_loads_its_slice(folders):
     """In one process, rank by rank (no process group needed to load): each parameter is the slice
     of the whole model's the layout names."""
-    whole = generate.model_module("qwen2_moe").from_pretrained(folders["qwen2_moe"], dtype=torch.float32)
+    whole = checkpoint.model_module("qwen2_moe").from_pretrained(folders["qwen2_moe"], dtype=torch.float32)
     full = dict(whole.named_parameters())
     for rank, experts, rows in ((0, slice(0, 4), slice(0, 49)), (1, slice(4, 7), slice(49, 97))):
         part = parallel.from_pretrained(folders["qwen2_moe"], dtype=torch.float32, rank=rank, world=2)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import linear, save_tiny
 
+import checkpoint
 import quantize
 import qwen2
 import qwen2_moe
 import qwen3_moe
+import qwen_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,9 +143,9 @@ def test_whole_models_stay_close_and_every_path_agrees(tmp_path, arch, scheme):
         got = ours(x)
         rel = ((got - full).norm() / full.norm()).item()
         assert rel < (0.02 if scheme == "int8" else 0.15), rel
-        ours.set_kernels("reference")  # the experts' reference loop on the quantized stacks: the same
+        qwen_kernels.install(ours, "reference")  # the experts' reference loop on the quantized stacks: same
         torch.testing.assert_close(ours(x), got, atol=1e-4, rtol=0)
-        ours.set_kernels("auto")
+        qwen_kernels.install(ours, "auto")
         ours.setup_cache(2, 16)  # the static path (gathered experts) on the quantized stacks
         cached = ours(x, input_pos=torch.arange(12))
         ours.clear_cache()
@@ -382,7 +384,7 @@ def test_read_safetensors_reads_what_safetensors_wrote(tmp_path):
                "mask": torch.rand(4, generator=g) > 0.5, "empty": torch.zeros(0, 3),
                "scalar": torch.tensor(2.5)}
     save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    read = dict(quantize.read_safetensors(str(tmp_path / "t.safetensors")))
+    read = dict(checkpoint.read_tensors(str(tmp_path / "t.safetensors")))
     assert read.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
@@ -436,19 +438,19 @@ def test_streaming_refuses_a_checkpoint_that_disagrees(tmp_path):
     del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     del tensors["model.layers.0.self_attn.q_proj.weight"]
     save_file(tensors, path)
-    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.qweight is missing"):
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.weight is missing"):
         quantize.from_pretrained(folder, "int8")
 
 
 def test_int8_experts_through_the_triton_kernel():
-    """A quantized MoE model with set_kernels("triton") runs the fused kernel's int8 variant (Triton's
+    """A quantized MoE model with install(model, "triton") runs the fused kernel's int8 variant (Triton's
     interpreter on CPU, in a fresh process) and gives the torch path's logits."""
     import subprocess
     import sys
     pytest.importorskip("triton")
     from conftest import ROOT
     script = (
-        "import torch, qwen3_moe, quantize\n"
+        "import torch, qwen3_moe, quantize, qwen_kernels\n"
         "from qwen_kernels import moe\n"
         "calls = []\n"
         "real = moe._fused_moe\n"
@@ -460,8 +462,8 @@ def test_int8_experts_through_the_triton_kernel():
         "model = quantize.quantize(qwen3_moe.Qwen3MoeForCausalLM(config).eval(), 'int8')\n"
         "x = torch.randint(0, 64, (2, 7))\n"
         "with torch.no_grad():\n"
-        "    model.set_kernels('torch'); want = model(x)\n"
-        "    model.set_kernels('triton'); got = model(x)\n"
+        "    qwen_kernels.install(model, 'torch'); want = model(x)\n"
+        "    qwen_kernels.install(model, 'triton'); got = model(x)\n"
         "assert calls == [True, True], calls\n"
         "torch.testing.assert_close(got, want, atol=1e-4, rtol=0)\n"
         "print('ok')\n")

@@ -9,8 +9,10 @@ from conftest import assert_works_copied_alone, save_tiny
 transformers = pytest.importorskip("transformers")
 HFConfig, HFModel = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
 
+import checkpoint  # noqa: E402
 import generate  # noqa: E402
 import qwen2  # noqa: E402
+import qwen_kernels  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
@@ -175,7 +177,7 @@ def test_reference_attention_equals_sdpa(tmp_path):
     mask[1, :4] = 0
     with torch.no_grad():
         fast = ours(x, attention_mask=mask)
-        ours.set_kernels("reference")
+        qwen_kernels.install(ours, "reference")
         ref = ours(x, attention_mask=mask)
     torch.testing.assert_close(fast[0], ref[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(fast[1, 4:], ref[1, 4:], atol=ATOL, rtol=0)
@@ -256,7 +258,9 @@ def test_hub_download_path_is_mocked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a model on the Hugging Face hub"):
-        qwen2.from_pretrained("Qwen/NoSuchModel")
+        checkpoint.from_pretrained("Qwen/NoSuchModel")  # the full reader (generate.py's) says it in one line
+    with pytest.raises(RepositoryNotFoundError):
+        qwen2.from_pretrained("Qwen/NoSuchModel")       # the model file's own loader: the hub's error
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

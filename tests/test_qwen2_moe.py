@@ -13,8 +13,11 @@ from conftest import ROOT, assert_works_copied_alone, hub_available, save_tiny
 transformers = pytest.importorskip("transformers")
 HFConfig, HFModel = transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM
 
+import checkpoint  # noqa: E402
 import generate  # noqa: E402
 import qwen2_moe  # noqa: E402
+import qwen_kernels  # noqa: E402
+from qwen_kernels.experts import experts_gathered, experts_grouped  # noqa: E402
 
 # initializer_range 0.15 (not 0.02): the experts' share of the output and the router's preferences
 # must be large enough that a wrong expert, weight or routing rule moves the logits well past ATOL.
@@ -49,12 +52,12 @@ def assert_logits_match(hf, ours, x, **kw):
     with torch.no_grad():
         expected = hf(x, **kw).logits
         for kernels in KERNELS:
-            ours.set_kernels(kernels)
+            qwen_kernels.install(ours, kernels)
             got = ours(x)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0,
                                        msg=lambda m: f"kernels={kernels}: {m}")
-    ours.set_kernels("auto")
+    qwen_kernels.install(ours, "auto")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def test_bfloat16_is_bit_exact(tmp_path):
         for kernels, attn, experts in (("torch", "sdpa", "grouped_mm"), ("reference", "eager", "eager")):
             hf = HFModel.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation=attn,
                                          experts_implementation=experts).eval()
-            ours.set_kernels(kernels)
+            qwen_kernels.install(ours, kernels)
             got, expected = ours(x), hf(x).logits
             assert got.dtype == torch.bfloat16
             assert torch.equal(got, expected), f"{kernels}: max diff {(got - expected).abs().max()}"
@@ -174,7 +177,7 @@ def test_expert_paths_agree(N, E, K):
             e = int(ids_[n, k])
             h = torch.nn.functional.silu(w_gate_up[e, :I] @ x[n]) * (w_gate_up[e, I:] @ x[n])
             expected[n] += weights[n, k] * (w_down[e] @ h)
-    for path in (qwen2_moe.experts_reference, qwen2_moe.experts_grouped, qwen2_moe.experts_gathered):
+    for path in (qwen2_moe.experts_reference, experts_grouped, experts_gathered):
         torch.testing.assert_close(path(x, w_gate_up, w_down, ids_, weights), expected, atol=1e-4, rtol=1e-5,
                                    msg=lambda m: f"{path.__name__}: {m}")
 
@@ -190,7 +193,7 @@ def test_idle_experts_are_never_read():
     idle = torch.ones(E, dtype=torch.bool)
     idle[[5, 2]] = False
     w_gate_up[idle], w_down[idle] = float("nan"), float("nan")
-    for path in (qwen2_moe.experts_reference, qwen2_moe.experts_grouped):
+    for path in (qwen2_moe.experts_reference, experts_grouped):
         torch.testing.assert_close(path(x, w_gate_up, w_down, ids_, weights), clean)
 
 
@@ -226,7 +229,7 @@ def test_loss_matches_transformers(tmp_path):
         assert ours.router_logits is None and ours.aux_loss is None
         torch.testing.assert_close(loss, plain.loss, atol=ATOL, rtol=0)
         for kernels in KERNELS:
-            ours.set_kernels(kernels)
+            qwen_kernels.install(ours, kernels)
             logits, loss = ours(x, labels=labels, output_router_logits=True)
             torch.testing.assert_close(loss, with_aux.loss, atol=ATOL, rtol=0)
             torch.testing.assert_close(ours.aux_loss, with_aux.aux_loss, atol=ATOL, rtol=0)
@@ -286,7 +289,7 @@ def test_kv_cache_decode_equals_full_forward(tmp_path, static):
     with torch.no_grad():
         full = hf(x).logits
         for kernels in KERNELS:
-            ours.set_kernels(kernels)
+            qwen_kernels.install(ours, kernels)
             ours.setup_cache(2, 24)
             steps = [ours(x[:, :12], input_pos=torch.arange(12) if static else 0)]
             for t in range(12, 20):
@@ -305,7 +308,7 @@ def test_left_padded_batch(tmp_path):
     with torch.no_grad():
         alone_a, alone_b = hf(a[None]).logits[0], hf(b[None]).logits[0]
         for kernels in KERNELS:
-            ours.set_kernels(kernels)
+            qwen_kernels.install(ours, kernels)
             got = ours(batch, attention_mask=mask)
             torch.testing.assert_close(got[0], alone_a, atol=ATOL, rtol=0)
             torch.testing.assert_close(got[1, 5:], alone_b, atol=ATOL, rtol=0)
@@ -325,7 +328,7 @@ def test_greedy_generate_matches_transformers(tmp_path):
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                            pad_token_id=0)[0, len(prompt):].tolist()
     assert list(generate.generate(ours, prompt, 12, temperature=0)) == expected
-    ours.set_kernels("reference")
+    qwen_kernels.install(ours, "reference")
     assert list(generate.generate(ours, prompt, 12, temperature=0)) == expected
 
 
@@ -356,10 +359,11 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     folder, hf, _ = build(tmp_path, num_hidden_layers=2)
     x = ids(2, 9)
     out = str(tmp_path / "logits.pt")
-    code = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import qwen2_moe\n"
-            f"m = qwen2_moe.from_pretrained({folder!r}); m.set_kernels('triton')\n"
-            f"calls = []; fused = qwen2_moe.triton_moe.fused_moe\n"
-            f"qwen2_moe.triton_moe.fused_moe = lambda *a: calls.append(1) or fused(*a)\n"
+    code = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import qwen2_moe, qwen_kernels\n"
+            f"from qwen_kernels import moe\n"
+            f"m = qwen2_moe.from_pretrained({folder!r}); qwen_kernels.install(m, 'triton')\n"
+            f"calls = []; fused = moe.fused_moe\n"
+            f"moe.fused_moe = lambda *a: calls.append(1) or fused(*a)\n"
             f"x = torch.tensor({x.tolist()})\n"
             f"with torch.no_grad():\n"
             f"    full = m(x); m.setup_cache(2, 9)\n"
@@ -449,26 +453,35 @@ def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight has shape "
                                          r"\(16, 64\), the config expects \(32, 64\)"):
         qwen2_moe.from_pretrained(wrong)
+    # The full reader (generate.py's, checkpoint.py) counts the experts before it reads any tensor; the
+    # model file's own loader finds an expert the config does not have, or one missing, as it reads.
     fewer = variant("fewer", lambda t: None, config={"num_experts": 6})  # 8 experts on disk
     with pytest.raises(ValueError, match=r"experts\.7\.\w+_proj\.weight makes 8 experts: "
                                          r"model\.layers\.0\.mlp\.experts\.gate_up_proj would have shape "
                                          r"\(8, 64, 64\), the config expects \(6, 64, 64\)"):
+        checkpoint.from_pretrained(fewer)
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.mlp\.experts\.6\."):
         qwen2_moe.from_pretrained(fewer)
     more = variant("more", lambda t: None, config={"num_experts": 10})
     with pytest.raises(ValueError,
                        match=r"makes 8 experts: .* shape \(8, 64, 64\), the config expects \(10, 64, 64\)"):
+        checkpoint.from_pretrained(more)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate\.weight has shape \(8, 64\), the "
+                                         r"config expects \(10, 64\)"):  # the router, read first
         qwen2_moe.from_pretrained(more)
     missing = variant("missing", lambda t: t.pop("model.layers.2.mlp.experts.4.down_proj.weight"))
-    with pytest.raises(ValueError,
-                       match=r"tensor model\.layers\.2\.mlp\.experts\.4\.down_proj\.weight is missing"):
-        qwen2_moe.from_pretrained(missing)
+    for load in (qwen2_moe.from_pretrained, checkpoint.from_pretrained):
+        with pytest.raises(ValueError,
+                           match=r"tensor model\.layers\.2\.mlp\.experts\.4\.down_proj\.weight is missing"):
+            load(missing)
     bad_size = variant("bad_size", lambda t: None, config={"moe_intermediate_size": 40})
-    with pytest.raises(ValueError, match=r"experts\.0\.down_proj\.weight has shape \(64, 32\), "
-                                         r"the config expects \(64, 40\)"):
-        qwen2_moe.from_pretrained(bad_size)
     dense = variant("dense", lambda t: None, config={"mlp_only_layers": [1]})
-    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.1\.mlp\.experts\.0\."):
-        qwen2_moe.from_pretrained(dense)
+    for load in (qwen2_moe.from_pretrained, checkpoint.from_pretrained):
+        with pytest.raises(ValueError, match=r"experts\.0\.down_proj\.weight has shape \(64, 32\), "
+                                             r"the config expects \(64, 40\)"):
+            load(bad_size)
+        with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.1\.mlp\.experts\.0\."):
+            load(dense)
     qwen2 = variant("qwen2", lambda t: None, config={"model_type": "qwen2"})
     with pytest.raises(ValueError, match="model_type 'qwen2'"):
         qwen2_moe.from_pretrained(qwen2)

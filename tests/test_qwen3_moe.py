@@ -13,8 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+import checkpoint
 import generate
 import qwen3_moe
+import qwen_kernels
+from qwen_kernels.experts import experts_gathered, experts_grouped
 
 # head_dim 16 != hidden / heads = 8, so q_proj (64 wide) is wider than hidden (32).
 MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -99,9 +102,9 @@ def test_bf16_reference_path_is_bit_exact(tmp_path):
     ids = tokens(2, 24)
     with torch.no_grad():
         want = hf(ids).logits
-        ours.set_kernels("reference")
+        qwen_kernels.install(ours, "reference")
         assert torch.equal(ours(ids), want)
-        ours.set_kernels("torch")  # SDPA and the expert-sorted path: within bf16 rounding
+        qwen_kernels.install(ours, "torch")  # SDPA and the expert-sorted path: within bf16 rounding
         assert_close(ours(ids), want, atol=2e-2)
 
 
@@ -166,11 +169,11 @@ def test_expert_paths_agree():
             e = ids[n, k]
             h = torch.nn.functional.silu(w_gate_up[e, :I] @ x[n]) * (w_gate_up[e, I:] @ x[n])
             want[n] += weights[n, k] * (w_down[e] @ h)
-    for fn in (qwen3_moe.experts_reference, qwen3_moe.experts_grouped, qwen3_moe.experts_gathered):
+    for fn in (qwen3_moe.experts_reference, experts_grouped, experts_gathered):
         assert_close(fn(x, w_gate_up, w_down, ids, weights), want, atol=1e-4)
-    assert_close(qwen3_moe.experts_grouped(x, w_gate_up, w_down, ids, weights),
+    assert_close(experts_grouped(x, w_gate_up, w_down, ids, weights),
                  qwen3_moe.experts_reference(x, w_gate_up, w_down, ids, weights))
-    one = qwen3_moe.experts_grouped(x[:1], w_gate_up, w_down, ids[:1], weights[:1])  # batch-1 decode shape
+    one = experts_grouped(x[:1], w_gate_up, w_down, ids[:1], weights[:1])  # batch-1 decode shape
     assert_close(one, want[:1], atol=1e-4)
 
 
@@ -180,7 +183,7 @@ def test_reference_kernels_equal_fast_path_with_gradients(tmp_path):
     ids = tokens(2, 24)
     grads, outs = [], []
     for kernels in ("reference", "torch"):
-        ours.set_kernels(kernels)
+        qwen_kernels.install(ours, kernels)
         ours.zero_grad()
         logits, loss = ours(ids, labels=ids, output_router_logits=True)
         loss.backward()
@@ -197,15 +200,16 @@ TRITON_SCRIPT = r"""
 import sys, torch
 sys.path[:0] = [sys.argv[1]]
 import qwen3_moe
-assert qwen3_moe.triton_moe is not None, "qwen_kernels.moe did not import"
+import qwen_kernels
+from qwen_kernels import moe
 calls = []
-kernel = qwen3_moe.triton_moe.fused_moe
-qwen3_moe.triton_moe.fused_moe = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
+kernel = moe.fused_moe
+moe.fused_moe = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
 model = qwen3_moe.from_pretrained(sys.argv[2])
 x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
-    model.set_kernels("torch"); want = model(x)
-    model.set_kernels("triton"); got = model(x)
+    qwen_kernels.install(model, "torch"); want = model(x)
+    qwen_kernels.install(model, "triton"); got = model(x)
 err = (got - want).abs().max().item()
 assert calls == [18, 18, 18] and err < 1e-4, (calls, err)
 print("ok", err)
@@ -225,7 +229,7 @@ def test_fused_moe_kernel_wiring_in_interpreter(tmp_path):
 def test_set_kernels_rejects_unknown(tmp_path):
     ours, _ = tiny(tmp_path)
     with pytest.raises(ValueError, match="kernels must be"):
-        ours.set_kernels("cuda")
+        qwen_kernels.install(ours, "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,8 +326,8 @@ def test_greedy_generation_matches_transformers(tmp_path, dense):
 
 
 def test_generate_maps_model_types():
-    assert generate.model_module("qwen3_moe") is qwen3_moe
-    assert generate.model_module("qwen3") is qwen3_moe
+    assert checkpoint.model_module("qwen3_moe") is qwen3_moe
+    assert checkpoint.model_module("qwen3") is qwen3_moe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,12 +388,17 @@ def test_wrong_expert_shapes_and_counts_refused(tmp_path):
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=6))  # checkpoint has 8
     with pytest.raises(ValueError, match=r"experts\.7\.\w+_proj\.weight makes 8 experts: .*gate_up_proj "
                                          r"would have shape \(8, 48, 32\), the config expects \(6, 48, 32\)"):
-        qwen3_moe.from_pretrained(folder)
+        checkpoint.from_pretrained(folder)  # the full reader counts before it reads
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.mlp\.experts\.6\."):
+        qwen3_moe.from_pretrained(folder)   # the model file's loader, as it reads
 
     folder, _ = save_tiny(tmp_path / "c", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, edit_config=lambda c: c.update(num_local_experts=10))  # the router says 8
     with pytest.raises(ValueError, match=r"makes 8 experts: .* expects \(10, 48, 32\) \(num_experts=10\)"):
-        qwen3_moe.from_pretrained(folder)
+        checkpoint.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"mlp\.gate\.weight has shape \(8, 32\), the config expects "
+                                         r"\(10, 32\)"):
+        qwen3_moe.from_pretrained(folder)  # the router, read first
 
     folder, _ = save_tiny(tmp_path / "e", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)
     rewrite_checkpoint(folder, lambda t: [t.pop(f"model.layers.1.mlp.experts.7.{p}_proj.weight")
@@ -397,6 +406,9 @@ def test_wrong_expert_shapes_and_counts_refused(tmp_path):
     with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.experts\.7\.gate_proj\.weight "
                                          r"is missing from the checkpoint \(and 1 more\); "
                                          r"the config has 8 experts"):
+        checkpoint.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.experts\.7\.gate_proj\.weight "
+                                         r"is missing from the checkpoint \(and 1 more\)"):
         qwen3_moe.from_pretrained(folder)
 
     folder, _ = save_tiny(tmp_path / "d", Qwen3MoeConfig, Qwen3MoeForCausalLM, **MOE)

@@ -8,6 +8,7 @@ checks exactly what the models compute.
 import os
 import sys
 
+import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,14 +48,23 @@ apply_rope = qwen2.apply_rope
 
 # 3. and 4.
 visibility_mask = qwen2.visibility_mask
-gqa_attention = qwen2.reference_attention
+
+
+def gqa_attention(q, k, v, mask, scale):
+    """qwen2.reference_attention, which takes the keys' visibility from a Step (mask None there is
+    plain causal attention; here, every key visible) and scales by D ** -0.5 itself."""
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device) if mask is None else mask
+    step = qwen2.Step(cos=None, sin=None, slots=None, num_keys=S, masks={None: mask}, key_mask=None)
+    return qwen2.reference_attention(q * (scale / D ** -0.5), k, v, step, None)
 
 
 # 5. qwen2.KVCache.update, on the student's cache tensors
 def kv_cache_update(cache_k, cache_v, slots, k, v):
     cache = qwen2.KVCache(1, 1, 1, 1, cache_k.dtype, cache_k.device)
     cache.k, cache.v = cache_k, cache_v  # the buffers become the given tensors (written in place)
-    return cache.update(slots, k, v)
+    step = qwen2.Step(cos=None, sin=None, slots=slots, num_keys=cache_k.shape[2], masks={}, key_mask=None)
+    return cache.update(step, k, v)  # (the whole cache: the step reads every slot)
 
 
 # 6. generate.sampling_probs: the distribution generate.sample draws from
@@ -82,7 +92,7 @@ def moe_block(x, router_weight, w_gate_up, w_down, shared_gate_proj, shared_up_p
     block.shared_expert.up_proj.weight = _param(shared_up_proj)
     block.shared_expert.down_proj.weight = _param(shared_down_proj)
     block.shared_expert_gate.weight = _param(shared_expert_gate)
-    return block(x, kernels="reference")[0]
+    return block(x)[0]  # (the file's own experts_function: experts_reference)
 
 
 # 10.
