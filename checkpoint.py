@@ -5,8 +5,10 @@ alone. This module is the one full reader the rest of the project shares:
 
 * a local folder, or a hub id downloaded into the hub cache (tokenizer.resolve_checkpoint);
 * config.json's model_type -> the model file (MODEL_FILES), its `architectures` -> the class;
-* sharded files (model.safetensors.index.json), each tensor read into memory of its own rather than
-  through a memory map, whose pages, once read, count in the process until the file is closed;
+* sharded files (model.safetensors.index.json), mapped into memory as safetensors does (the pages
+  are the file's, shared and read lazily), or for quantize.py each tensor read into memory of its
+  own: a mapped page, once read, counts in the process until the file is closed, and quantizing
+  reads every tensor;
 * the hub's per-expert tensors stacked into the MoE files' (E, N, K) parameters (or stacked files
   read as they are), their number checked against the config before any tensor is read;
 * a hook for each tensor as it arrives (`load`'s `put`): quantize.py quantizes the weights while they
@@ -195,7 +197,7 @@ def check_expert_counts(ckpt: Checkpoint, expected: dict, backbone: str):
 
 
 def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = None, put=None,
-         experts=None, read=None, stack_device=None, hint: str = ""):
+         experts=None, read=None, own_memory: bool = False, stack_device=None, hint: str = ""):
     """Stream every tensor of the checkpoint into `model` (built by ckpt.build(), perhaps rewritten
     since: quantized, sharded), one tensor at a time, and check that every expected one came.
 
@@ -206,7 +208,8 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
     experts(stack) -> (first, count): the experts of that stack to read (default all of them);
       per-expert tensors are stacked on `stack_device` (default `device`) and `put` once complete.
     read(f, name, target): the tensor `name` from the safe_open file `f`, as `put` wants it (parallel:
-      its slice); default each tensor is read whole, into memory of its own (read_tensors).
+      its slice); default the whole tensor, mapped from the file.
+    own_memory: read each tensor whole into memory of its own instead (read_tensors; quantize.py).
     hint: ends the message when a tensor is missing.
     """
     module = ckpt.module
@@ -217,8 +220,8 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
         check_expert_counts(ckpt, expected, backbone)
     stacks, seen = {}, set()  # stack -> (its tensor being filled, {(expert, part) read}); the names put
     for file in ckpt.files:
-        with open_safetensors(file) if read else nullcontext() as f:
-            for name, tensor in (((n, None) for n in f.keys()) if read else read_tensors(file)):
+        with nullcontext() if own_memory else open_safetensors(file) as f:
+            for name, tensor in (read_tensors(file) if own_memory else ((n, None) for n in f.keys())):
                 target = module.parameter_for(name, backbone)
                 expert = key.match(target) if key is not None else None
                 if expert:  # one expert's projection: into its slice of the stack, put once complete
@@ -246,9 +249,11 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
                 elif target in expected:
                     if target in seen or target in stacks:
                         raise ValueError(f"tensor {name} repeats {target}, also in the checkpoint")
-                    shape = f.get_slice(name).get_shape() if read else tensor.shape  # (read: the header's)
+                    shape = tensor.shape if own_memory else f.get_slice(name).get_shape()  # (the header's)
                     check_shape(name, shape, expected[target])
-                    put(target, read(f, name, target) if read else tensor)
+                    if tensor is None:  # mapped: read now, only what this caller keeps
+                        tensor = read(f, name, target) if read else f.get_tensor(name)
+                    put(target, tensor)
                     seen.add(target)
                 elif target.partition(".")[0] not in module.HEADS and not name.endswith("inv_freq"):
                     raise ValueError(f"unexpected tensor {name} in {os.path.basename(file)}: the checkpoint "

@@ -455,7 +455,7 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
         if tied_head and name == table:
             layers["lm_head.weight"].set_weight(tensor.to(device))
 
-    checkpoint.load(ckpt, model, device, expected=expected, put=put, stack_device="cpu")
+    checkpoint.load(ckpt, model, device, expected=expected, put=put, own_memory=True, stack_device="cpu")
     tie(model, ckpt.config)
     return checkpoint.finish(ckpt, model, device)
 
