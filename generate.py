@@ -19,7 +19,6 @@ Python use:
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import sys
@@ -28,17 +27,15 @@ import time
 import torch
 
 import checkpoint
+import parallel
 import qwen_kernels
+from qwen_kernels import compiled
 from qwen_kernels import cpu as cpu_kernels
 from tokenizer import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, StreamDecoder, Tokenizer, read_json
 
 
 class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
-
-
-class GroupStopped(Exception):
-    """Under torchrun: the launcher is ending this process because another one stopped."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +59,6 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
     if saved and quantization:
         raise UsageError(f"{name_or_path} is already quantized ({saved.get('scheme')}); drop --quantize")
     if parallel_run():  # under torchrun: this rank's shard, quantized after sharding when asked
-        import parallel
         model = parallel.from_pretrained(ckpt.folder, device=device, dtype=dtype)
         if quantization:
             import quantize
@@ -221,61 +217,6 @@ def decode_step(model, token: torch.Tensor, pos: int, mask: torch.Tensor | None)
     return model(token[:, None], attention_mask=mask, input_pos=pos)[:, -1]
 
 
-def static_decode_step(model, token, slot, mask, positions) -> torch.Tensor:
-    """decode_step with static shapes: token (B,), slot (1,) tensor, mask (B, cache_len) or None,
-    positions (B, 1). Attention covers the whole cache, so every step has the same shapes."""
-    return model(token[:, None], attention_mask=mask, position_ids=positions, input_pos=slot)[:, -1]
-
-
-def static_cache_len(needed: int, context: int) -> int:
-    """KV cache length for the compiled step: `needed` rounded up to a power of two (at least 1024),
-    at most the context length. The step is compiled, and its CUDA graph captured, once per cache
-    length, so a few sizes serve every prompt instead of one compilation per prompt length."""
-    return min(max(1024, 1 << (needed - 1).bit_length()), context)
-
-
-def compiled_decode_step(model):
-    """static_decode_step compiled for the model as it stands (on CUDA also captured as a CUDA graph).
-
-    Dynamo normally checks, before every call, that each module, parameter and buffer the step read
-    is unchanged: some 4,000 guards, 1.8 ms of a 20 ms step on a 2-core CPU. Here those checks are
-    skipped (guard_filter_fn) and done once per generation instead: the compiled steps are kept on
-    the model per `model_signature`, so a changed model (another kernel choice, cache shape,
-    quantized layers) gets its own compilation. On the CPU the inductor size asserts go too (one per
-    tensor and kernel call: 0.7 ms a step)."""
-    if getattr(model, "kernels", None) is None:  # a model as its file built it: the compiled step needs
-        qwen_kernels.install(model)                # the fast paths (the reference experts loop on the data)
-    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    key = model_signature(model)
-    if key not in steps:
-        options, isolated = {}, {}
-        # isolate_recompiles (torch 2.13): this compilation's entries are its own (dynamo otherwise shares
-        # them among every torch.compile of static_decode_step, and without module guards another model
-        # could match). Older torch keeps its guards.
-        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
-            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            isolated["isolate_recompiles"] = True
-        if model.device.type == "cuda":
-            options["triton.cudagraphs"] = True          # = mode="reduce-overhead"
-        else:  # (the options this torch's inductor has)
-            import torch._inductor.config as inductor
-            options.update({name: False for name in ("size_asserts", "alignment_asserts")
-                            if hasattr(inductor, name)})
-        steps[key] = torch.compile(static_decode_step, fullgraph=True, options=options, **isolated)
-    return steps[key]
-
-
-def model_signature(model) -> tuple:
-    """Everything a compiled step was traced for and does not check itself: every module's type,
-    every parameter's and buffer's (the KV caches') name, dtype, shape and device, and the module
-    attributes that shape the step (an int or string: the cache length, the kernels installed)."""
-    tensors = [(name, t.dtype, t.shape, t.device) for name, t in model.named_parameters()]
-    tensors += [(name, t.dtype, t.shape, t.device) for name, t in model.named_buffers()]
-    settings = [(name, key, value) for name, m in model.named_modules() for key, value in vars(m).items()
-                if isinstance(value, (bool, int, float, str)) and not key.startswith("_")]
-    return tuple(type(m) for m in model.modules()), tuple(tensors), tuple(settings)
-
-
 def setup_cache(model, batch_size: int, max_len: int):
     """model.setup_cache, unless a cache of that shape is there already: the compiled step keeps its
     cache, where its CUDA graph expects it (a step never reads the slots past its own, so what an
@@ -292,16 +233,18 @@ def decoder(model, batch_size: int, mask: torch.Tensor | None, compile: bool):
     model.setup_cache: the compiled step is chosen for the cache's shape."""
     if not compile:
         return lambda token, pos: decode_step(model, token, pos, None if mask is None else mask[:, :pos + 1])
-    step, device = compiled_decode_step(model), model.device
+    if getattr(model, "kernels", None) is None:  # a model as its file built it: the compiled step needs the
+        qwen_kernels.install(model)                # fast paths (the file's expert loop depends on the data)
+    step, device = compiled.decode_step(model), model.device
     pads = (torch.zeros(batch_size, 1, dtype=torch.long, device=device) if mask is None
             else (mask == 0).sum(-1, keepdim=True))                         # (B, 1) padding slots per row
     slot = torch.zeros(1, dtype=torch.long, device=device)
 
-    def compiled(token, pos):
+    def compiled_step(token, pos):
         slot.fill_(pos)  # in place: no new host-to-device tensor per step
         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: reuse their memory
         return step(model, token, slot, mask, slot[None] - pads)
-    return compiled
+    return compiled_step
 
 
 def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -321,7 +264,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
     if steps <= 0:
         return
     device, B, longest = model.device, len(prompts), max(len(p) for p in prompts)
-    cache_len = static_cache_len(longest + steps, context_length(model)) if compile else longest + steps
+    cache_len = compiled.cache_len(longest + steps, context_length(model)) if compile else longest + steps
     tokens, mask = left_padded(prompts, pad_id, cache_len, device)          # (B, T), (B, cache_len) or None
     penalise = repetition_penalty != 1.0
     seen = seen_tokens(prompts, model.config.vocab_size, device) if penalise else None  # (B, vocab)
@@ -473,27 +416,6 @@ def log(message: str):
         print(message, file=sys.stderr, flush=True)
 
 
-def group_stopped(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
-    raise GroupStopped("another process of the group stopped; torchrun is ending the rest")
-
-
-def read_line(prompt: str) -> str:
-    """input(); under torchrun rank 0 reads and every rank gets its line (EOFError on all at the end)."""
-    if not distributed():
-        return input(prompt)
-    line = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            line[0] = input(prompt)
-        except EOFError:
-            pass
-    torch.distributed.broadcast_object_list(line, src=0)
-    if line[0] is None:
-        raise EOFError
-    return line[0]
-
-
 class Printer:
     """Streams decoded text to stdout; Qwen3's <think>...</think> goes to stderr (dim on a terminal)."""
 
@@ -526,7 +448,7 @@ class Printer:
 
 
 def peak_memory_gb(device) -> float:
-    """The most memory held since the start or the last reset_peak_memory: on CUDA what torch's
+    """The most memory held since the start (or bench.reset_peak_memory): on CUDA what torch's
     allocator handed out; on the CPU the process' resident memory (Linux: its high-water mark)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -536,18 +458,6 @@ def peak_memory_gb(device) -> float:
     except (OSError, StopIteration):
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
-
-
-def reset_peak_memory(device):
-    """Start peak_memory_gb's count again from what is held now (on a CPU: Linux only)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5: reset the resident high-water mark to the current resident size
-    except OSError:
-        pass
 
 
 def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
@@ -588,15 +498,8 @@ def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
 def run(args) -> int:
     device = torch.device(args.device or default_device())
     if parallel_run():  # torchrun: join the group; rank 0 alone prints and reads the keyboard
-        import parallel
-        device = parallel.init(args.device)
-        if torch.distributed.get_rank() == 0:
-            signal.signal(signal.SIGTERM, group_stopped)  # torchrun ends the others so when one stops
-        else:  # the others end at once and silently (a process waiting in a collective runs no Python)
-            global QUIET
-            QUIET, sys.stdout = True, open(os.devnull, "w")
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
+        global QUIET
+        device, QUIET = parallel.join_from_the_command_line(args.device)
     log(f"loading {args.model} on {device}...")
     t0 = time.perf_counter()
     # On CPU, bfloat16 measured fastest (real 0.5B, 2 cores: decode 1.7x, prefill 2x float32;
@@ -637,7 +540,7 @@ def run(args) -> int:
     first = args.prompt
     while True:
         try:
-            user_text = first if first else read_line("> ")
+            user_text = first if first else parallel.read_line("> ")
         except (EOFError, KeyboardInterrupt) as e:
             if isinstance(e, KeyboardInterrupt) and distributed():
                 raise
@@ -670,7 +573,7 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log("interrupted")
         return 130
-    except GroupStopped as e:
+    except parallel.GroupStopped as e:
         log(f"error: {e}")
         return 1
     except Exception as e:  # never a raw traceback from the CLI

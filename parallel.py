@@ -106,6 +106,46 @@ def init(device: str | None = None) -> torch.device:
     return place
 
 
+class GroupStopped(Exception):
+    """Under torchrun: the launcher is ending this process because another one stopped."""
+
+
+def join_from_the_command_line(device: str | None = None) -> tuple[torch.device, bool]:
+    """init() for generate.py's command line: (this rank's device, whether it keeps quiet). Rank 0
+    alone prints and reads the keyboard, and turns torchrun's SIGTERM (sent when another rank stops)
+    into GroupStopped; the others write nothing and end at once on a signal (a process waiting in a
+    collective runs no Python)."""
+    import signal
+    import sys
+    place = init(device)
+    if dist.get_rank() == 0:
+        def stopped(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
+            raise GroupStopped("another process of the group stopped; torchrun is ending the rest")
+        signal.signal(signal.SIGTERM, stopped)
+        return place, False
+    sys.stdout = open(os.devnull, "w")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    return place, True
+
+
+def read_line(prompt: str) -> str:
+    """input(); under torchrun rank 0 reads and every rank gets its line (EOFError on all at the end)."""
+    if not dist.is_initialized():
+        return input(prompt)
+    line = [None]
+    if dist.get_rank() == 0:
+        try:
+            line[0] = input(prompt)
+        except EOFError:
+            pass
+    dist.broadcast_object_list(line, src=0)
+    if line[0] is None:
+        raise EOFError
+    return line[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # The layout: which slice of each weight a rank holds
 # ----------------------------------------------------------------------------------------------

@@ -739,13 +739,10 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
 def embed(model: nn.Module, input_ids: torch.Tensor,
           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Text embeddings as Qwen3's embedding models compute them: the final hidden state of each row's
-    last real token, L2-normalised. (B, T) token ids -> (B, hidden_size).
-
-    model: the decoder stack or any class of this file that holds one. attention_mask (B, T): 1 for
-    real tokens, 0 for padding (left or right). The embedding models' convention: each text ends
-    with <|endoftext|> (their tokenizer appends it; with this project's Tokenizer, append
-    token_id("<|endoftext|>") yourself), and a query is written "Instruct: {task}\\nQuery:{query}"
-    while the documents it is compared with are embedded as they are.
+    last real token, L2-normalised. (B, T) token ids -> (B, hidden_size). model: the decoder stack or
+    any class of this file that holds one; attention_mask (B, T): 1 for real tokens, 0 for padding
+    (left or right). Their convention: each text ends with <|endoftext|> (append it yourself with
+    this project's Tokenizer), a query reads "Instruct: {task}\\nQuery:{query}", documents as they are.
     """
     decoder = getattr(model, "transformer", getattr(model, "model", model))
     hidden = decoder(input_ids, attention_mask)
@@ -778,12 +775,8 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, con
     transformers does, so later calls keep it. logits: (B, num_labels)."""
     B, num_labels = logits.shape
     if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
+        config.problem_type = ("regression" if num_labels == 1 else "single_label_classification"
+                               if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
     wanted = {"regression": [(B,), (B, num_labels)], "single_label_classification": [(B,)],
               "multi_label_classification": [(B, num_labels)]}.get(config.problem_type)
     if wanted is None:
@@ -794,9 +787,8 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, con
                          f"{num_labels} labels expects {' or '.join(map(str, wanted))}")
     labels = labels.to(logits.device)
     if config.problem_type == "regression":
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
+        squeeze = num_labels == 1  # (B, 1) logits against (B,) or (B, 1) labels
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if squeeze else F.mse_loss(logits, labels)
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
     return F.binary_cross_entropy_with_logits(logits, labels)

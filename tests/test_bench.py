@@ -8,6 +8,7 @@ import torch
 import bench
 import generate
 import qwen_kernels
+from qwen_kernels import compiled
 
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):
@@ -117,7 +118,7 @@ def test_compiled_decode_gives_the_same_tokens():
 
 
 def test_compiled_decode_follows_changes_to_the_model():
-    """The compiled step skips dynamo's per-call checks of the modules (generate.compiled_decode_step),
+    """The compiled step skips dynamo's per-call checks of the modules (qwen_kernels.compiled.decode_step),
     so a model changed after a compilation (quantized, other kernels) must get a step of its own,
     never the old one (which read the replaced layers' weights: a KeyError or wrong tokens)."""
     pytest.importorskip("torch._inductor")
@@ -139,11 +140,11 @@ def test_compiled_decode_follows_changes_to_the_model():
 
 
 def test_static_cache_len_buckets():
-    assert generate.static_cache_len(5, 64) == 64  # a tiny context: the whole context
-    assert generate.static_cache_len(100, 32768) == 1024
-    assert generate.static_cache_len(1024, 32768) == 1024
-    assert generate.static_cache_len(1025, 32768) == 2048
-    assert generate.static_cache_len(40000, 40960) == 40960  # never past the context length
+    assert compiled.cache_len(5, 64) == 64  # a tiny context: the whole context
+    assert compiled.cache_len(100, 32768) == 1024
+    assert compiled.cache_len(1024, 32768) == 1024
+    assert compiled.cache_len(1025, 32768) == 2048
+    assert compiled.cache_len(40000, 40960) == 40960  # never past the context length
 
 
 def test_compiled_decode_compiles_once_across_prompts():
@@ -250,5 +251,5 @@ def test_peak_memory_can_be_reset_on_the_cpu():
     big = torch.ones(96 * 2**20 // 4)  # 96 MB, every page touched
     with_big = generate.peak_memory_gb(cpu)
     del big
-    generate.reset_peak_memory(cpu)
+    bench.reset_peak_memory(cpu)
     assert generate.peak_memory_gb(cpu) < with_big - 0.05
