@@ -375,8 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--quantize-embeddings", choices=["int8", "int4"],
                    help="with --quantize: the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="attention/MoE implementation (auto: Triton on CUDA when available; torch: torch's "
-                        "paths everywhere, also for the CPU matrix-vector products of qwen_kernels/cpu.cpp)")
+                   help="the fast paths (qwen_kernels.install): auto = Triton on CUDA, the C++ kernels on "
+                        "CPU; triton = Triton wherever it runs; torch = torch's own paths everywhere")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None,
                        help="Qwen3: let the model reason in <think> first (the template's default)")

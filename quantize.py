@@ -20,13 +20,13 @@ The arithmetic. A weight matrix W (N outputs, K inputs) is stored as small integ
       for the group g of row n: lo = min W, hi = max W over its G weights,
       s[n, g] = (hi - lo) / 15,   q[n, k] = round((W[n, k] - lo) / s[n, g]) in [0, 15]
       W[n, k] ~ (q[n, k] - 8) * s[n, g] + z[n, g],   with z[n, g] = lo + 8 * s[n, g]
-  two per byte in llama.cpp's Q4_0 order (pack_int4), which qwen_kernels/cpu.cpp reads 32 at a time.
+  two per byte in llama.cpp's Q4_0 order (pack_int4), which qwen_kernels/cpu_matvec.cpp reads 32 at a time.
 Scales (and zero points) are kept in the activation dtype. Error: at most half a step, s / 2, per
 weight; int4's step is about 17 times int8's for the same spread, hence the groups.
 
 Each layer has a plain reference (dequantize the whole matrix, then F.linear) that always works,
 and fast paths beside it, tested equal to it. On CPU: for a decode step (a few rows), the
-matrix-vector kernels of qwen_kernels/cpu.cpp (25-33 GB/s here, where torch's int8 kernel reads 15);
+matrix-vector kernels of qwen_kernels/cpu_matvec.cpp (25-33 GB/s here, where torch's int8 kernel reads 15);
 for a prompt, int8 multiplies by the int8 matrix cast to the activation dtype and scales the output
 (x @ q^T * s = x @ (q * s)^T), int4 dequantizes once per call in C++ and multiplies; where the C++
 kernels cannot be built, torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu (int4 on a
@@ -106,7 +106,7 @@ def dequantize_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: to
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (..., N, K) in [0, 15], K % 32 == 0 -> (..., N, K/2) uint8, the layout qwen_kernels/cpu.cpp reads
+    """q (..., N, K) in [0, 15], K % 32 == 0 -> (..., N, K/2) uint8, the layout cpu_matvec.cpp reads
     (llama.cpp's Q4_0 order): each 32 inputs are 16 bytes, byte j holding input j in its low nibble
     and input 16 + j in its high one, so that one 16-byte load gives 32 consecutive inputs."""
     *lead, N, K = q.shape
@@ -164,7 +164,7 @@ class Int8Linear(nn.Module):
         if self.kernels == "reference":
             return self.reference(x)
         if x.dtype == self.scales.dtype and self.kernels != "torch" and cpu_kernels.use(rows):
-            # a decode step: qwen_kernels/cpu.cpp's matrix-vector product, bias included
+            # a decode step: qwen_kernels/cpu_matvec.cpp's matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int8(rows.contiguous(), self.qweight, self.scales, self.bias)
             return y.view(*x.shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == self.scales.dtype and len(rows) < PACKED_ROWS:
@@ -213,7 +213,7 @@ class Int4Linear(nn.Module):
                                         self.bias)
         elif x.device.type != "cpu":
             return self.reference(x)
-        elif fast and cpu_kernels.use(rows):  # a decode step: cpu.cpp's matrix-vector product, bias included
+        elif fast and cpu_kernels.use(rows):  # a decode step: the C++ matrix-vector product, bias included
             y = torch.ops.qwen_cpu.linear_int4(rows.contiguous(), self.qweight, self.scales, self.zeros,
                                                self.group_size, self.bias)
         elif fast and cpu_kernels.usable(rows):  # a prompt: the matrix dequantized once, then one matmul
@@ -229,7 +229,7 @@ class Int4Linear(nn.Module):
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights in the layout of torch's own CPU int4 kernel, (packed, scales_and_zeros): made at
-        the first call and kept (a second copy of the weights), for machines without qwen_kernels/cpu.cpp."""
+        the first call and kept (a second copy of the weights), for machines without the C++ kernels."""
         if getattr(self, "_torch_layout", None) is None:
             q = unpack_int4(self.qweight).to(torch.int32)                        # (N, K) 0..15
             self._torch_layout = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),

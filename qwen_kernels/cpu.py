@@ -1,14 +1,17 @@
-"""CPU matrix-vector kernels for decoding: bf16, int8 and int4 weights (qwen_kernels/cpu.cpp).
+"""CPU kernels for decoding: matrix-vector products with bf16, int8 and int4 weights
+(qwen_kernels/cpu_matvec.cpp) and the decode attention (qwen_kernels/cpu_attention.cpp).
 
     from qwen_kernels import cpu
     if cpu.use(x):                                                        # x (M, K), M small
         y = torch.ops.qwen_cpu.linear_int8(x, qweight, scales, bias)
 
 Decoding reads every weight once per token, so on a CPU it is as fast as its matrix-vector products
-stream the weights from memory. qwen_kernels/cpu.cpp does only that, in plain C++ loops that the compiler
-vectorizes. It is built on first use with torch's C++ extension tools (`-O3 -march=native`, about
-40 s, then cached in torch's extension folder, ~/.cache/torch_extensions) and registered as the torch
-ops qwen_cpu.linear_bf16 / linear_int8 / linear_int4, which run inside torch.compile graphs too.
+stream the weights from memory. cpu_matvec.cpp does only that, in plain C++ loops that the compiler
+vectorizes (their vector types are in cpu_simd.h, which cpu_attention.cpp shares). Both are built
+on first use into one extension with torch's C++ extension tools (`-O3 -march=native`, about 40 s,
+then cached in torch's extension folder, ~/.cache/torch_extensions) and registered as the torch ops
+qwen_cpu.linear_bf16 / linear_int8 / linear_int4 / dequantize_int4 / decode_attention, which run
+inside torch.compile graphs too.
 
 The seams it fills (qwen_kernels.install puts them in; quantize.py's Int8Linear and Int4Linear call
 the ops themselves): the bf16 `nn.Linear` layers become `Linear` below, and the model files'
@@ -42,10 +45,9 @@ def available() -> bool:
             return False
         try:
             from torch.utils.cpp_extension import load
-            source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cpp")
             # -march=native: vectorized for this CPU, so the cached build is named after the CPU too
             # (a home folder shared by machines with other CPUs must not load it: illegal instructions).
-            load(build_name(), [source], is_python_module=False, verbose=False,
+            load(build_name(), sources(), is_python_module=False, verbose=False,
                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
                  extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no headers, a failed build: the callers keep torch's paths
@@ -57,9 +59,18 @@ def available() -> bool:
     return _built
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ("cpu_matvec.cpp", "cpu_attention.cpp")  # and the header they share, cpu_simd.h
+
+
+def sources() -> list[str]:
+    return [os.path.join(HERE, name) for name in SOURCES]
+
+
 def build_name() -> str:
-    """The extension's name, with a fingerprint of the CPU it is compiled for: its architecture and,
-    on Linux, its instruction-set flags (the build uses every one of them)."""
+    """The extension's name, with a fingerprint of the CPU it is compiled for (its architecture and,
+    on Linux, its instruction-set flags: the build uses every one of them) and of the sources, so
+    that two checkouts with other sources, or machines with other CPUs, never share a build."""
     import hashlib
     import platform
     cpu = platform.machine() + platform.processor()
@@ -68,7 +79,11 @@ def build_name() -> str:
             cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return "qwen_cpu_kernels_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(cpu.encode())
+    for path in sources() + [os.path.join(HERE, "cpu_simd.h")]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return "qwen_cpu_kernels_" + digest.hexdigest()[:10]
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
-"""qwen_kernels/cpu.cpp: every op against a float64 computation of the same formula, on shapes with
-tails (K not a multiple of 16, N not a multiple of the tile, more rows of x than one pass takes),
-in each activation dtype; the layers and the model files that call the ops; and the fallbacks.
+"""qwen_kernels/cpu_matvec.cpp and cpu_attention.cpp: every op against a float64 computation of the
+same formula, on shapes with tails (K not a multiple of 16, N not a multiple of the tile, more rows
+of x than one pass takes), in each activation dtype; the layers and the model files that call the
+ops; and the fallbacks.
 
 Where a C++ compiler is present the kernels must build (a failed build fails here, it is not
 skipped); without one these tests skip and the callers' torch paths serve."""
