@@ -127,7 +127,7 @@ def split_thinking(content: str) -> tuple[str, str]:
 
 
 def render_qwen3(messages, add_generation_prompt, enable_thinking) -> str:
-    """Qwen3's chat template, written out (checked token for token in tests/test_qwen3_chat.py).
+    """Qwen3's chat template, written out (checked token for token in tests/test_tokenizer.py).
 
     No default system prompt. The last "query" is the last user message that is not just a
     <tool_response>. Assistant turns up to it lose their <think> block; later ones keep it,

@@ -70,7 +70,7 @@ def install(model: nn.Module, kernels: str = "auto") -> nn.Module:
         raise ValueError(f"kernels must be {', '.join(KERNELS[:-1])} or {KERNELS[-1]}, not {kernels!r}")
     from . import cpu, experts
     attention = moe = None
-    if kernels in ("auto", "triton"):
+    if kernels == "triton" or (kernels == "auto" and torch.cuda.is_available()):  # (triton's import: 1 s)
         attention, moe = triton_module("attention"), triton_module("moe")
         if kernels == "triton" and attention is None:
             raise ValueError("kernels='triton' needs triton (pip install triton)")

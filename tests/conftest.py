@@ -10,6 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton fixes the mode of every
+# @triton.jit function when it is decorated, so the switch is set for the whole session here, before
+# anything imports triton (the kernel tests run in this process; the model tests' "auto" paths never
+# take Triton on a CPU). Subprocesses inherit it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_TOOL = os.path.join(ROOT, "..", "shared", "tools", "make_real_qwen2.py")
 
 

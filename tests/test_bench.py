@@ -7,8 +7,6 @@ import torch
 
 import bench
 import generate
-import qwen_kernels
-from qwen_kernels import compiled
 
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):
@@ -103,76 +101,6 @@ def test_decode_bytes_per_token_counts_active_experts():
 
 def test_copy_bandwidth_is_plausible():
     assert 1e8 < bench.copy_bandwidth(torch.device("cpu"), megabytes=32) < 1e13
-
-
-def test_compiled_decode_gives_the_same_tokens():
-    pytest.importorskip("torch._inductor")
-    model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32, seed=1)
-    prompts = [[5, 17, 99, 3], [8, 8, 1]]
-    eager = generate.generate_batch(model, prompts, 6, temperature=0)
-    try:
-        compiled = generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
-    except Exception as e:  # no C++ compiler for inductor on this machine
-        pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
-    assert compiled == eager
-
-
-def test_compiled_decode_follows_changes_to_the_model():
-    """The compiled step skips dynamo's per-call checks of the modules (qwen_kernels.compiled.decode_step),
-    so a model changed after a compilation (quantized, other kernels) must get a step of its own,
-    never the old one (which read the replaced layers' weights: a KeyError or wrong tokens)."""
-    pytest.importorskip("torch._inductor")
-    quantize = pytest.importorskip("quantize")
-    model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32, seed=3)
-    prompts = [[5, 17, 99, 3]]
-    try:
-        compiled = generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
-    except Exception as e:  # no C++ compiler for inductor on this machine
-        pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
-    assert compiled == generate.generate_batch(model, prompts, 6, temperature=0)
-    quantize.quantize(model, "int8")
-    assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
-            == generate.generate_batch(model, prompts, 6, temperature=0))
-    qwen_kernels.install(model, "reference")
-    assert (generate.generate_batch(model, prompts, 6, temperature=0, compile=True)
-            == generate.generate_batch(model, prompts, 6, temperature=0))
-    assert len(model._compiled_decode_steps) == 3
-
-
-def test_static_cache_len_buckets():
-    assert compiled.cache_len(5, 64) == 64  # a tiny context: the whole context
-    assert compiled.cache_len(100, 32768) == 1024
-    assert compiled.cache_len(1024, 32768) == 1024
-    assert compiled.cache_len(1025, 32768) == 2048
-    assert compiled.cache_len(40000, 40960) == 40960  # never past the context length
-
-
-def test_compiled_decode_compiles_once_across_prompts():
-    """New prompt lengths and numbers of new tokens reuse the compiled step and its cache (same
-    memory, as a captured CUDA graph needs); a plain forward still works afterwards."""
-    pytest.importorskip("torch._inductor")
-    preset = {**bench.PRESETS["tiny"], "max_position_embeddings": 2048}
-    model = bench.random_model(preset, torch.device("cpu"), torch.float32, seed=2)
-    try:
-        first = generate.generate_batch(model, [[5, 17, 99, 3]], 4, temperature=0, compile=True)
-    except Exception as e:  # no C++ compiler for inductor on this machine
-        pytest.skip(f"torch.compile unavailable on this CPU: {type(e).__name__}: {e}")
-    cache = model.model.layers[0].self_attn.cache.k
-    assert cache.shape[2] == 1024  # the bucket, not 4 + 4
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for prompt, n in [([1, 2, 3, 4, 5, 6, 7], 9), ([9] * 30, 20)]:
-            compiled = generate.generate_batch(model, [prompt], n, temperature=0, compile=True)
-            assert model.model.layers[0].self_attn.cache.k is cache
-            assert compiled == generate.generate_batch(model, [prompt], n, temperature=0)  # eager
-            model.setup_cache(1, 1024)  # (the eager run dropped the cache; this allocates it anew)
-            cache = model.model.layers[0].self_attn.cache.k
-    assert first == generate.generate_batch(model, [[5, 17, 99, 3]], 4, temperature=0)
-    ids = torch.tensor([[5, 17, 99, 3]])
-    generate.generate_batch(model, [[1, 2]], 2, compile=True)  # leaves its cache set up
-    with torch.no_grad():
-        logits = model(ids)  # no input_pos: the cache is neither needed nor touched
-        model.clear_cache()
-        torch.testing.assert_close(logits, model(ids))
 
 
 TINY_MOE = {

@@ -179,62 +179,6 @@ def test_hub_id_offline_is_one_line():
     assert "Traceback" not in out.stderr
 
 
-def test_sampling_helpers():
-    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
-    assert generate.sample(logits, 0).tolist() == [1]
-    g = torch.Generator().manual_seed(0)
-    # top-k 1 and a tiny top-p are greedy whatever the temperature
-    assert all(generate.sample(logits, 5.0, top_k=1, generator=g).item() == 1 for _ in range(20))
-    assert all(generate.sample(logits, 5.0, top_p=0.01, generator=g).item() == 1 for _ in range(20))
-    # top-p 0.7 keeps tokens 1 and 2 (0.665 + 0.245 > 0.7), never 0 or 3
-    picks = {generate.sample(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
-    assert picks == {1, 2}
-    seen = torch.tensor([[False, True, False, True]])
-    penalised = generate.apply_repetition_penalty(logits, seen, 2.0)
-    assert penalised.tolist() == [[1.0, 1.5, 2.0, -2.0]]
-
-
-def test_sampling_matches_transformers_warpers():
-    from transformers.generation import logits_process as lp
-    torch.manual_seed(0)
-    logits = torch.randn(3, 50)
-    history = torch.randint(0, 50, (3, 7))
-    expected = lp.RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
-    for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(10), lp.TopPLogitsWarper(0.8)):
-        expected = warper(history, expected)
-    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, history, True)
-    ours = generate.apply_repetition_penalty(logits, seen, 1.3)
-    # sample() filters then draws; compare the filtered distribution it draws from
-    kept = []
-    g = torch.Generator().manual_seed(1)
-    for _ in range(400):
-        kept.append(generate.sample(ours, 0.7, top_k=10, top_p=0.8, generator=g))
-    allowed = torch.isfinite(expected)
-    picks = torch.stack(kept)  # (400, 3)
-    for row in range(3):
-        assert allowed[row, picks[:, row]].all()
-    assert set(picks[:, 0].tolist()) == set(torch.nonzero(allowed[0]).flatten().tolist())
-
-
-def test_sampling_draws_transformers_distribution_with_ties():
-    """top_k keeps the ties of its k-th logit (as transformers' TopKLogitsWarper does); the draw
-    among the kept tokens (sample's CPU path) has the probabilities of transformers' warped logits."""
-    from transformers.generation import logits_process as lp
-    logits = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.5, 3.0, -2.0] * 3])  # ties, and one vocab of 24
-    history = torch.tensor([[0]])
-    expected = logits.clone()
-    for warper in (lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(4), lp.TopPLogitsWarper(0.95)):
-        expected = warper(history, expected)
-    p = expected.softmax(-1)[0]
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack([generate.sample(logits, 0.8, top_k=4, top_p=0.95, generator=g)
-                         for _ in range(20000)])
-    freq = torch.bincount(draws.flatten(), minlength=24).float() / len(draws)
-    assert set(torch.nonzero(freq).flatten().tolist()) == set(torch.nonzero(p).flatten().tolist())
-    assert int((p > 0).sum()) == 12  # the three 5.0s and the nine 4.0 ties of the 4th best
-    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
-
-
 def test_compile_flag_gives_the_same_answer_and_says_it_compiles(tiny_chat_checkpoint, capsys):
     pytest.importorskip("torch._inductor")
     args = ["--model", tiny_chat_checkpoint, "--prompt", "Hello world", "--temperature", "0",

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,7 +60,11 @@ ours_model = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(vocab_size=64, hidden_size
                                                       num_key_value_heads=2))
 qwen_kernels.install(ours_model)
 fn = ours_model.model.layers[0].self_attn.attention_function
-assert fn.__module__ == ("qwen_kernels.attention" if triton else "qwen_kernels.cpu"), fn.__module__
+cuda = torch.cuda.is_available()
+assert fn.__module__ == ("qwen_kernels.attention" if triton and cuda else "qwen_kernels.cpu"), fn.__module__
+if triton:  # and where Triton runs (the interpreter, here), "triton" installs it
+    fn = qwen_kernels.install(ours_model, "triton").model.layers[0].self_attn.attention_function
+    assert fn.__module__ == "qwen_kernels.attention", fn.__module__
 assert sys.modules[fn.__module__].__file__.startswith(ours)
 try:
     importlib.metadata.distribution("kernels")
@@ -71,14 +77,17 @@ else:
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # (for "triton" on a CPU)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
 
 
 def test_install_falls_back_only_when_triton_is_absent(tmp_path):
-    """install() takes torch's paths when triton is absent, and raises any other error of the Triton
-    kernels' modules (a bug there must not silently become the slow path)."""
+    """install() takes torch's paths when triton is absent ("triton" then says so in one line), and
+    raises any other error of the Triton kernels' modules (a bug there must not silently become the
+    slow path)."""
     import shutil
     for case, body in {"no triton": "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')",
                        "a bug": "raise RuntimeError('a bug inside the kernels')"}.items():
@@ -88,16 +97,22 @@ def test_install_falls_back_only_when_triton_is_absent(tmp_path):
         for kernel in ("attention", "moe"):
             (folder / "qwen_kernels" / f"{kernel}.py").write_text(body + "\n")
         shutil.copy(os.path.join(ROOT, "qwen3_moe.py"), folder)
-        script = ("import torch, qwen3_moe, qwen_kernels\n"
+        script = ("import sys, torch, qwen3_moe, qwen_kernels\n"
                   "config = qwen3_moe.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, "
                   "num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, "
                   "moe_intermediate_size=16)\n"
-                  "model = qwen_kernels.install(qwen3_moe.Qwen3MoeForCausalLM(config))\n"
+                  "model = qwen_kernels.install(qwen3_moe.Qwen3MoeForCausalLM(config), sys.argv[1])\n"
                   "print(model.model.layers[0].mlp.experts.experts_function.__module__)\n")
-        out = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True,
-                             timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+        def run(kernels):
+            return subprocess.run([sys.executable, "-c", script, kernels], cwd=folder, capture_output=True,
+                                  text=True, timeout=120,
+                                  env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        out = run("triton")
         if case == "no triton":
-            assert out.returncode == 0 and out.stdout.strip() == "qwen_kernels.experts", out.stderr[-2000:]
+            assert out.returncode != 0 and "ValueError: kernels='triton' needs triton" in out.stderr, out
+            auto = run("auto")
+            assert auto.returncode == 0 and auto.stdout.strip() == "qwen_kernels.experts", auto.stderr[-2000:]
         else:
             assert out.returncode != 0 and "RuntimeError: a bug inside the kernels" in out.stderr, out
 

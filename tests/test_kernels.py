@@ -5,29 +5,12 @@ bf16 wrongly) at small shapes; with CUDA the same tests run on the GPU, plus bf1
 real Qwen shapes.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import linear
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-REASON_NO_INTERPRETER = (
-    "triton was already imported for the GPU by an earlier test module, so this process cannot "
-    "switch to the CPU interpreter: test_kernels_in_fresh_process runs this file instead")
-
-# Without CUDA the kernels run in Triton's CPU interpreter. Triton fixes the mode of every
-# @triton.jit function (its own tl.zeros, tl.sum... included) when it is decorated, so
-# TRITON_INTERPRET=1 must be set before triton is first imported in this process. It is set
-# only around that import (and during this module's tests, see _interpreter_on) so that other
-# test modules keep running the model's torch path on CPU.
-_interpret_before = os.environ.get("TRITON_INTERPRET")
-_triton_was_imported = "triton" in sys.modules
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no kernels to test")
 
@@ -37,35 +20,16 @@ import qwen_kernels.common as common  # noqa: E402
 import qwen_kernels.int4 as int4  # noqa: E402
 import qwen_kernels.moe as moe  # noqa: E402
 
-if not CUDA:
-    if _interpret_before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _interpret_before
-# Can the kernels run in this process? On CPU only if triton and qwen_kernels/ were both set up
-# for the interpreter.
-RUNS_HERE = CUDA or (common.INTERPRET
-                     and (not _triton_was_imported or _interpret_before == "1"))
+# Without CUDA the kernels run in Triton's CPU interpreter, which tests/conftest.py switches on for
+# the session before triton is first imported (Triton fixes the mode then).
+assert CUDA or common.INTERPRET, "no GPU, and triton imported without TRITON_INTERPRET=1 (tests/conftest.py)"
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_on(request, monkeypatch):
+def _interpreter_on(monkeypatch):
     """Keep the interpreter switched on during each test (Triton also checks it at launch)."""
     if not CUDA:
-        if not RUNS_HERE and request.function is not test_kernels_in_fresh_process:
-            pytest.skip(REASON_NO_INTERPRETER)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def test_kernels_in_fresh_process():
-    """Fallback for a combined test run on CPU: run this file in its own interpreter process."""
-    if RUNS_HERE:
-        pytest.skip("the kernel tests ran in this process")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 at real model shapes)")

@@ -11,8 +11,9 @@ Whether a checker looks at the student's code depends on what the run names:
   "not implemented yet";
 * the folder tests/exercises (`pytest tests/exercises -rs`): every exercise attempted is checked,
   the others SKIP with that reason;
-* anything else (`pytest`, the repository's own suite): the checkers SKIP without reading the
-  student's file, so the suite stays green whatever a student has solved, or got wrong.
+* anything else: the checkers SKIP without reading the student's file. The repository's own suite
+  (`pytest`) does not even collect them (pyproject.toml's norecursedirs), so it stays green, with
+  no skips, whatever a student has solved or got wrong.
 QWEN_EXERCISE_STRICT=1 (check, fail when not implemented) or 0 (check, skip when not implemented)
 overrides the choice. QWEN_EXERCISE_ALONE=1 refuses an answer file that imports the project's
 model files or transformers (the answer would be copied, not written): for grading.
