@@ -161,6 +161,17 @@ def open_safetensors(file: str):
         raise damaged(file, str(e)) from None
 
 
+def tensor_bytes(ckpt: Checkpoint) -> dict:
+    """file -> {tensor name -> its bytes in the file}, from the headers alone."""
+    sizes = {}
+    for file in ckpt.files:
+        with open(file, "rb") as f:
+            header = read_header(f, file)[0]
+        sizes[file] = {name: end - begin for name, (begin, end) in
+                       ((name, info["data_offsets"]) for name, info in header.items())}
+    return sizes
+
+
 def backbone_of(model: nn.Module) -> str:
     """The prefix of the decoder stack's names in `model`: "model.", "transformer." or "" (itself)."""
     modules = dict(model.named_modules())  # (the embedding is a module whether quantized or not)
@@ -197,7 +208,8 @@ def check_expert_counts(ckpt: Checkpoint, expected: dict, backbone: str):
 
 
 def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = None, put=None,
-         experts=None, read=None, own_memory: bool = False, stack_device=None, hint: str = ""):
+         experts=None, read=None, own_memory: bool = False, stack_device=None, hint: str = "",
+         progress=None):
     """Stream every tensor of the checkpoint into `model` (built by ckpt.build(), perhaps rewritten
     since: quantized, sharded), one tensor at a time, and check that every expected one came.
 
@@ -211,6 +223,7 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
       its slice); default the whole tensor, mapped from the file.
     own_memory: read each tensor whole into memory of its own instead (read_tensors; quantize.py).
     hint: ends the message when a tensor is missing.
+    progress(done, total): called as the tensors go by, with bytes of the files done and in all.
     """
     module = ckpt.module
     expected = expected or {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -219,9 +232,14 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
     if key is not None:
         check_expert_counts(ckpt, expected, backbone)
     stacks, seen = {}, set()  # stack -> (its tensor being filled, {(expert, part) read}); the names put
+    sizes = tensor_bytes(ckpt) if progress else {}
+    done, total = 0, sum(sum(s.values()) for s in sizes.values())
     for file in ckpt.files:
         with nullcontext() if own_memory else open_safetensors(file) as f:
             for name, tensor in (read_tensors(file) if own_memory else ((n, None) for n in f.keys())):
+                if progress:
+                    done += sizes[file][name]
+                    progress(done, total)
                 target = module.parameter_for(name, backbone)
                 expert = key.match(target) if key is not None else None
                 if expert:  # one expert's projection: into its slice of the stack, put once complete
@@ -295,15 +313,17 @@ def finish(ckpt: Checkpoint, model: nn.Module, device) -> nn.Module:
     return model.eval()
 
 
-def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: str | None = None) -> nn.Module:
-    """Load any checkpoint of the three model files (as their own from_pretrained, through this reader)."""
+def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: str | None = None,
+                    progress=None) -> nn.Module:
+    """Load any checkpoint of the three model files (as their own from_pretrained, through this reader).
+    progress: as in `load`."""
     ckpt = open_checkpoint(name_or_path, dtype, architecture)
     device = torch.device(device or "cpu")
     model = ckpt.build()
     saved = (ckpt.raw.get("architectures") or [None])[0]
     hint = "" if saved in (None, ckpt.architecture) else (f"; {name_or_path} holds a {saved}, not a "
                                                           f"{ckpt.architecture}")
-    load(ckpt, model, device, hint=hint)
+    load(ckpt, model, device, hint=hint, progress=progress)
     if ckpt.config.tie_word_embeddings and hasattr(model, "lm_head"):  # the checkpoint has no lm_head.weight
         model.lm_head.weight = model.model.embed_tokens.weight
     return finish(ckpt, model, device)

@@ -13,7 +13,7 @@ Python use:
     import generate
     model, tokenizer, defaults = generate.load("Qwen/Qwen2.5-0.5B-Instruct")
     ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
-    for token in generate.generate(model, ids, 64, temperature=0, stop_ids=defaults["stop_ids"]):
+    for token in generate.generate(model, ids, 64, **defaults):  # the checkpoint's sampling, stop tokens
         print(tokenizer.decode([token]), end="")
 """
 from __future__ import annotations
@@ -43,13 +43,14 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 def load(name_or_path: str, device=None, dtype=None, quantization: str | None = None, group_size: int = 32,
-         embeddings: str | None = None, kernels: str = "auto"):
+         embeddings: str | None = None, kernels: str = "auto", progress=None):
     """Load (model, tokenizer, generation defaults) from a local folder or a hub id, with the fast
     paths installed (qwen_kernels.install(model, kernels)).
 
     quantization: "int8" or "int4" quantizes the weights while they load (quantize.py), and
     embeddings ("int8" or "int4") the embedding table too; a folder saved by quantize.save is already
-    quantized and loads as it is. Under torchrun, each rank loads its shard (parallel.py)."""
+    quantized and loads as it is. Under torchrun, each rank loads its shard (parallel.py).
+    progress(done, total): bytes of the checkpoint read so far, and in all."""
     ckpt = checkpoint.open_checkpoint(name_or_path)
     architecture = (ckpt.raw.get("architectures") or [None])[0]  # none named: a causal LM
     if architecture is not None and not architecture.endswith("ForCausalLM"):
@@ -59,7 +60,7 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
     if saved and quantization:
         raise UsageError(f"{name_or_path} is already quantized ({saved.get('scheme')}); drop --quantize")
     if parallel_run():  # under torchrun: this rank's shard, quantized after sharding when asked
-        model = parallel.from_pretrained(ckpt.folder, device=device, dtype=dtype)
+        model = parallel.from_pretrained(ckpt.folder, device=device, dtype=dtype, progress=progress)
         if quantization:
             import quantize
             quantize.quantize(model, quantization, group_size, embeddings=embeddings)
@@ -67,36 +68,30 @@ def load(name_or_path: str, device=None, dtype=None, quantization: str | None = 
         import quantize
         model = (quantize.load(ckpt.folder, device=device, dtype=dtype) if saved else
                  quantize.from_pretrained(ckpt.folder, quantization, group_size, device=device, dtype=dtype,
-                                          embeddings=embeddings))
+                                          embeddings=embeddings, progress=progress))
     else:
-        model = checkpoint.from_pretrained(ckpt.folder, device=device, dtype=dtype)
+        model = checkpoint.from_pretrained(ckpt.folder, device=device, dtype=dtype, progress=progress)
     qwen_kernels.install(model, kernels)
-    tokenizer, defaults = Tokenizer(ckpt.folder), generation_defaults(ckpt.folder)
-    defaults["stop_ids"] = stop_ids(tokenizer, defaults, chat=True)
-    return model, tokenizer, defaults
+    tokenizer = Tokenizer(ckpt.folder)
+    return model, tokenizer, generation_defaults(ckpt.folder, tokenizer)
 
 
-def generation_defaults(folder: str) -> dict:
-    """Sampling settings and stop tokens from generation_config.json (greedy when absent)."""
+def generation_defaults(folder: str, tokenizer, chat: bool = True) -> dict:
+    """The checkpoint's settings for `generate`, as its keyword arguments: sampling from
+    generation_config.json (greedy when absent), and the tokens that end an answer: its eos_token_id,
+    <|endoftext|>, and in the chat format <|im_end|>."""
     cfg = read_json(os.path.join(folder, "generation_config.json"))
     eos = cfg.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    names = (IM_END, ENDOFTEXT) if chat else (ENDOFTEXT,)
     sampling = cfg.get("do_sample", False)
     return {
         "temperature": float(cfg.get("temperature", 1.0)) if sampling else 0.0,
         "top_k": int(cfg.get("top_k") or 0) if sampling else 0,
         "top_p": float(cfg.get("top_p", 1.0)) if sampling else 1.0,
         "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
-        "eos_token_ids": eos,
+        "stop_ids": set(eos) | ({tokenizer.token_id(name) for name in names} - {None}),
     }
-
-
-def stop_ids(tokenizer, defaults: dict, chat: bool) -> set[int]:
-    """The tokens that end an answer: generation_config.json's eos_token_id, <|endoftext|>, and in the
-    chat format <|im_end|>."""
-    names = (IM_END, ENDOFTEXT) if chat else (ENDOFTEXT,)
-    ids = {tokenizer.token_id(name) for name in names} - {None}
-    return set(defaults["eos_token_ids"]) | ids
 
 
 def parallel_run() -> bool:
@@ -247,16 +242,20 @@ def decoder(model, batch_size: int, mask: torch.Tensor | None, compile: bool):
     return compiled_step
 
 
+PREFILL_CHUNK = 1024  # prompt tokens per forward of the prefill (a long prompt reports its progress)
+
+
 def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     stop_ids=(), pad_id: int = 0, generator: torch.Generator | None = None,
-                    compile: bool = False, stats: dict | None = None):
+                    compile: bool = False, stats: dict | None = None, progress=None):
     """The generation loop for a batch of prompts; yields a (B,) tensor of new tokens per step.
 
     Prompts of different lengths are left-padded; an attention mask hides the padding and
     positions count real tokens only, so each row gets the result it would get alone. Finished rows
     (stop token seen) keep yielding `pad_id`. Stops when every row has finished, after
-    max_new_tokens, or at the model's context length (then stats["context_limit"] is True).
+    max_new_tokens, or at the model's context length (then stats["context_limit"] is True). A prompt
+    longer than PREFILL_CHUNK is prefilled a chunk at a time, progress(done, total) told after each.
     """
     steps = check_lengths(model, prompts, max_new_tokens)
     stats = {} if stats is None else stats
@@ -284,8 +283,12 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            logits = model(tokens, attention_mask=None if mask is None else mask[:, :longest],
-                           input_pos=0, logits_to_keep=1)[:, -1]                        # (B, vocab)
+            for start in range(0, longest, PREFILL_CHUNK):  # each chunk attends to the cache so far
+                end = min(start + PREFILL_CHUNK, longest)
+                logits = model(tokens[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                               input_pos=start, logits_to_keep=1)[:, -1]                # (B, vocab)
+                if progress and longest > PREFILL_CHUNK:
+                    progress(end, longest)
             token = pick(logits)
             stats["prefill_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -315,14 +318,15 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, *, tem
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=(), seed: int | None = None,
-             compile: bool = False, stats: dict | None = None):
+             compile: bool = False, stats: dict | None = None, progress=None):
     """Yield new token ids one at a time for one prompt (stop token included, then stop)."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     for token in generate_tokens(model, [list(prompt_ids)], max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                 stop_ids=stop_ids, generator=generator, compile=compile, stats=stats):
+                                 stop_ids=stop_ids, generator=generator, compile=compile, stats=stats,
+                                 progress=progress):
         yield int(token[0])
 
 
@@ -416,6 +420,43 @@ def log(message: str):
         print(message, file=sys.stderr, flush=True)
 
 
+class Progress:
+    """progress(done, total) of a long wait, on stderr: nothing in its first 2 s; then, on a terminal,
+    one bar redrawn in place, elsewhere a plain line at each tenth."""
+
+    def __init__(self, what: str, unit: str, scale: float = 1.0):
+        self.what, self.unit, self.scale = what, unit, scale
+        self.t0, self.shown, self.tty = time.perf_counter(), -1, sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int):
+        early = time.perf_counter() - self.t0 < 2.0 and self.shown < 0  # (a wait over within 2 s: nothing)
+        if QUIET or total <= 0 or early or self.shown == 10:
+            return
+        tenth = 10 * done // total
+        if not self.tty and tenth <= self.shown:
+            return
+        self.shown = tenth
+        amount = f"{done * self.scale:,.0f} of {total * self.scale:,.0f} {self.unit}"
+        if self.tty:
+            bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r[{self.what} {bar} {100 * done // total:3d}% ({amount})]{end}")
+            sys.stderr.flush()
+        else:
+            log(f"[{self.what}: {100 * done // total}% ({amount})]")
+
+
+def description(model) -> str:
+    """What was loaded, for the load line: "bfloat16", "bfloat16, int4 weights in groups of 32, int8
+    embeddings", ..."""
+    parts, q = [str(model.dtype).removeprefix("torch.")], getattr(model, "quantization", None)
+    if q:
+        groups = f" in groups of {q['group_size']}" if q["scheme"] == "int4" else ""
+        parts.append(f"{q['scheme']} weights{groups}")
+        parts += [f"{q['embeddings']} embeddings"] if q.get("embeddings") else []
+    return ", ".join(parts)
+
+
 class Printer:
     """Streams decoded text to stdout; Qwen3's <think>...</think> goes to stderr (dim on a terminal)."""
 
@@ -468,7 +509,7 @@ def answer(model, tokenizer, prompt_ids, settings, args) -> list[int]:
             "and cache size)]")
     try:
         for token in generate(model, prompt_ids, args.max_new_tokens, stats=stats, seed=args.seed,
-                              compile=args.compile, **settings):
+                              compile=args.compile, progress=Progress("prefill", "tokens"), **settings):
             if token in settings["stop_ids"]:
                 break
             new.append(token)
@@ -507,22 +548,23 @@ def run(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cpu" else None)
     model, tokenizer, defaults = load(args.model, device=device, dtype=dtype, quantization=args.quantize,
                                       group_size=args.group_size, embeddings=args.quantize_embeddings,
-                                      kernels=args.kernels)
+                                      kernels=args.kernels, progress=Progress("loading", "MB", 1e-6))
     tied = model.config.tie_word_embeddings and not parallel_run()  # (torchrun: lm_head is sliced, untied)
     if args.quantize and not args.quantize_embeddings and tied:
         log("[tied embeddings: the table stays in full precision beside lm_head's quantized copy; "
             "--quantize-embeddings int8 keeps one int8 table for both]")
     if device.type == "cpu" and args.kernels != "torch" and not cpu_kernels.available():  # built here, once
         log(f"[CPU kernels unavailable, torch's kernels serve (slower): {cpu_kernels.unavailable_reason}]")
-    log(f"loaded in {time.perf_counter() - t0:.1f}s ({model.dtype})")
+    log(f"loaded in {time.perf_counter() - t0:.1f}s ({description(model)})")
     chat_format = not args.raw and tokenizer.has_chat_template
+    defaults = defaults if chat_format else generation_defaults(tokenizer.folder, tokenizer, chat=False)
     settings = {
         "temperature": defaults["temperature"] if args.temperature is None else args.temperature,
         "top_k": defaults["top_k"] if args.top_k is None else args.top_k,
         "top_p": defaults["top_p"] if args.top_p is None else args.top_p,
         "repetition_penalty": (defaults["repetition_penalty"] if args.repetition_penalty is None
                                else args.repetition_penalty),
-        "stop_ids": stop_ids(tokenizer, defaults, chat_format),
+        "stop_ids": defaults["stop_ids"],
     }
     messages = [{"role": "system", "content": args.system}] if args.system else []
 

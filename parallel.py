@@ -351,11 +351,11 @@ def read(part, c: Cut | None, shape: tuple) -> tuple[torch.Tensor, int]:
 
 
 def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None = None,
-                    world: int | None = None) -> nn.Module:
+                    world: int | None = None, progress=None) -> nn.Module:
     """Load this rank's shard of a checkpoint (any class the model files build) for `world` ranks
     (default: the process group's rank and size, else torchrun's RANK and WORLD_SIZE). Each tensor
     is read as the slice this rank holds; other ranks' experts are not read at all. The number of
-    bytes read is in model.bytes_read."""
+    bytes read is in model.bytes_read. progress(done, total): as checkpoint.load."""
     if rank is None:
         rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else
                        (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))))
@@ -388,7 +388,7 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None
 
     first, stop = layout.experts
     checkpoint.load(ckpt, model, device, expected=full, put=put, experts=lambda stack: (first, stop - first),
-                    read=read_slice)
+                    read=read_slice, progress=progress)
     if tied and layout.world == 1:
         model.lm_head.weight = model.model.embed_tokens.weight
     return checkpoint.finish(ckpt, model, device)

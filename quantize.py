@@ -424,11 +424,11 @@ def tie(model: nn.Module, config):
 
 def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
                     device=None, dtype=None, lm_head: str | None = LM_HEAD,
-                    embeddings: str | None = None) -> nn.Module:
+                    embeddings: str | None = None, progress=None) -> nn.Module:
     """Load a full-precision checkpoint quantized tensor by tensor as it streams in (the same layers
     as `quantize`), so that no full-precision copy of the model ever exists: a model that fits only
     in its quantized form loads. Peak memory: the quantized model, plus one tensor (for the MoE files,
-    one layer's experts) in full precision."""
+    one layer's experts) in full precision. progress(done, total): bytes read, as checkpoint.load."""
     check_scheme(scheme, group_size)
     ckpt = checkpoint.open_checkpoint(name_or_path, dtype)
     device = torch.device(device or "cpu")
@@ -455,7 +455,8 @@ def from_pretrained(name_or_path: str, scheme: str = "int8", group_size: int = D
         if tied_head and name == table:
             layers["lm_head.weight"].set_weight(tensor.to(device))
 
-    checkpoint.load(ckpt, model, device, expected=expected, put=put, own_memory=True, stack_device="cpu")
+    checkpoint.load(ckpt, model, device, expected=expected, put=put, own_memory=True, stack_device="cpu",
+                    progress=progress)
     tie(model, ckpt.config)
     return checkpoint.finish(ckpt, model, device)
 

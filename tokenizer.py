@@ -32,6 +32,7 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        self.folder = folder  # the checkpoint folder it was read from
         self.bpe = HFTokenizer.from_file(path)
         config = read_json(os.path.join(folder, "tokenizer_config.json"))
         template = config.get("chat_template")

@@ -37,10 +37,10 @@ log = logging.getLogger("mkdocs.plugins.qwen_source")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIR = "source"  # generated pages: docs/source/<file>.md (virtual, never written to disk)
 
-BLOCK = re.compile(r'^([ \t]*)(\\?)\{\{\s*(source|signature|diff|copies)\((.*?)\)\s*\}\}[ \t]*$', re.M)
+BLOCK = re.compile(r'^([ \t]*)(\\?)\{\{\s*(source|signature|diff|copies|readme)\((.*?)\)\s*\}\}[ \t]*$', re.M)
 INLINE = re.compile(r'(\\?)\{\{\s*(ref)\((.*?)\)\s*\}\}')
 MODEL_CLASS = re.compile(r"\bQwen\w*?(?=Config\b|ForCausalLM\b)")  # the "Qwen2Moe" of Qwen2MoeConfig, ...
-LEFTOVER = re.compile(r'(?<!\\)\{\{\s*(source|signature|diff|copies|ref)\(')
+LEFTOVER = re.compile(r'(?<!\\)\{\{\s*(source|signature|diff|copies|readme|ref)\(')
 
 
 class MarkerError(ValueError):
@@ -197,6 +197,15 @@ class Renderer:
         if not rows:
             raise MarkerError(f"tests/test_copies.py declares no copies in {path}")
         return "| block | written identically in |\n|---|---|\n" + "\n".join(rows)
+
+    def readme(self, heading):
+        """The body of the README's section `## heading`: one source for what both say (the set-up)."""
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+        if not match:
+            raise MarkerError(f"README.md has no section '## {heading}'")
+        return match.group(1).strip()
 
     def ref(self, path, symbol, label=None):
         self.check_file(path)

@@ -34,9 +34,14 @@ unavailable_reason = ""
 _built: bool | None = None
 
 
+BUILD_WAIT_S = 180  # another process is building: how long to wait for it before torch's kernels serve
+
+
 @torch.compiler.assume_constant_result  # torch.compile: run (and build) while tracing, kept as a constant
 def available() -> bool:
-    """Build and load the kernels once; False (with unavailable_reason set) when they cannot be."""
+    """Build (the first time on this machine) and load the kernels, once per process; False, with
+    unavailable_reason set, when they cannot be: the callers keep torch's paths, and a later run
+    tries again."""
     global _built, unavailable_reason
     if _built is None:
         _built = False
@@ -44,19 +49,102 @@ def available() -> bool:
             unavailable_reason = "QWEN_CPU_KERNELS=0"
             return False
         try:
-            from torch.utils.cpp_extension import load
-            # -march=native: vectorized for this CPU, so the cached build is named after the CPU too
-            # (a home folder shared by machines with other CPUs must not load it: illegal instructions).
-            load(build_name(), sources(), is_python_module=False, verbose=False,
-                 extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-                 extra_ldflags=["-fopenmp"])
-        except Exception as e:  # no compiler, no headers, a failed build: the callers keep torch's paths
+            _built = build()
+        except Exception as e:  # no compiler, no headers, a failed build
             lines = str(e).strip().splitlines()
             unavailable_reason = f"{type(e).__name__}: {lines[-1] if lines else ''}"
-            return False
-        _register_fakes()
-        _built = True
+        if _built:
+            _register_fakes()
     return _built
+
+
+def build() -> bool:
+    """Compile the extension into torch's extension folder unless it is there, and load it.
+
+    torch's own build lock is a file that a process killed while building (a closed terminal:
+    SIGHUP; SIGKILL) leaves behind, and every later build then waits for it forever. So every build
+    here first takes a lock of the operating system's (flock), which dies with its process: while
+    it is held, a torch lock file in the folder is a dead process's and goes. A build left half
+    done is started again from an empty folder. Another process building: wait for it up to
+    BUILD_WAIT_S, then serve this run with torch's kernels (False)."""
+    global unavailable_reason
+    import shutil
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory, load
+    name = build_name()
+    folder = _get_build_directory(name, verbose=False)
+
+    def compile_and_load():
+        # -march=native: vectorized for this CPU, so the cached build is named after the CPU too
+        # (a home folder shared by machines with other CPUs must not load it: illegal instructions).
+        load(name, sources(), build_directory=folder, is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+             extra_ldflags=["-fopenmp"])
+
+    with os_lock(folder.rstrip(os.sep) + ".lock") as held:
+        if not held:
+            unavailable_reason = f"another process has been building them for over {BUILD_WAIT_S} s"
+            return False
+        if os.path.exists(os.path.join(folder, "lock")):  # torch's, left by a process that is gone
+            os.remove(os.path.join(folder, "lock"))
+        fresh, t0 = not os.path.exists(os.path.join(folder, name + ".so")), time.perf_counter()
+        if fresh:
+            log("[building the CPU kernels (about 30 s, once per machine)...]")
+        try:
+            compile_and_load()
+        except Exception:
+            if not os.path.exists(os.path.join(folder, "build.ninja")):
+                raise  # (nothing built before: the compiler's own error)
+            shutil.rmtree(folder, ignore_errors=True)  # a build left broken: once more, from nothing
+            os.makedirs(folder, exist_ok=True)
+            fresh = True
+            log("[building the CPU kernels again, from an empty folder (about 30 s)...]")
+            compile_and_load()
+        if fresh:
+            log(f"[CPU kernels built in {time.perf_counter() - t0:.0f} s]")
+    return True
+
+
+def os_lock(path: str):
+    """A context manager: an exclusive flock on `path`, held until the block ends (the operating
+    system drops it when the process dies); yields False after waiting BUILD_WAIT_S. Where there is no
+    flock (Windows), it yields True at once."""
+    import contextlib
+    import time
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext(True)
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "w") as f:
+            deadline, waiting = time.monotonic() + BUILD_WAIT_S, False
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        yield False
+                        return
+                    if not waiting:
+                        log("[another process is building the CPU kernels: waiting for it...]")
+                        waiting = True
+                    time.sleep(0.2)
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    return held()
+
+
+def log(message: str):
+    """One line on stderr (rank 0's alone under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        import sys
+        print(message, file=sys.stderr, flush=True)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

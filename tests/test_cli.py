@@ -45,7 +45,14 @@ def test_cpu_default_dtype_is_bfloat16(tiny_chat_checkpoint, capsys):
     """The checkpoint is float32; on CPU generate.py still runs bfloat16 (measured fastest there)."""
     assert generate.main(["--model", tiny_chat_checkpoint, "--prompt", "hi", "--max-new-tokens", "2",
                           "--device", "cpu"]) == 0
-    assert "(torch.bfloat16)" in capsys.readouterr().err
+    assert "(bfloat16)" in capsys.readouterr().err
+
+
+def test_the_load_line_names_dtype_and_quantization(tiny_chat_checkpoint, capsys):
+    assert generate.main(["--model", tiny_chat_checkpoint, "--prompt", "hi", "--max-new-tokens", "2",
+                          "--quantize", "int4", "--quantize-embeddings", "int8"]) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("loaded in"))
+    assert line.endswith("(bfloat16, int4 weights in groups of 32, int8 embeddings)"), line
 
 
 def test_raw_mode_and_sampling_flags(tiny_chat_checkpoint, capsys):

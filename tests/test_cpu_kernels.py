@@ -5,6 +5,7 @@ ops; and the fallbacks.
 
 Where a C++ compiler is present the kernels must build (a failed build fails here, it is not
 skipped); without one these tests skip and the callers' torch paths serve."""
+import os
 import shutil
 
 import pytest
@@ -35,6 +36,77 @@ def test_the_build_is_named_after_the_cpu(monkeypatch):
     assert here.startswith("qwen_cpu_kernels_") and here == cpu.build_name()
     monkeypatch.setattr(platform, "machine", lambda: "another-machine")
     assert cpu.build_name() != here
+
+
+# The build: a dead process's lock never makes a run wait; a half-written build is started again.
+PROBE = ("import sys, time; t = time.perf_counter()\n"
+         "from qwen_kernels import cpu\n"
+         "print(cpu.available(), cpu.unavailable_reason, round(time.perf_counter() - t, 1))\n")
+
+
+def probe_env(extensions) -> dict:
+    """The environment of a fresh Python with torch's extension folder at `extensions`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cpu.__file__)))
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": root}
+
+
+def probe(extensions, timeout=600):
+    """A fresh Python loading the kernels with torch's extension folder at `extensions`."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", PROBE], env=probe_env(extensions), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def built_folder():
+    """This session's build of the kernels (built first if need be)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    assert cpu.available(), cpu.unavailable_reason
+    return _get_build_directory(cpu.build_name(), verbose=False)
+
+
+def test_a_dead_processs_lock_does_not_hang_the_next_run(tmp_path):
+    """torch's lock file and a half-written build left by a process that was killed (a closed terminal
+    during the first build): the next run finishes, building what is missing, and says so."""
+    folder = tmp_path / cpu.build_name()  # (with TORCH_EXTENSIONS_DIR set, torch builds right under it)
+    shutil.copytree(built_folder(), folder)
+    (folder / "lock").write_text("")                       # torch's FileBaton, its owner gone
+    out = probe(tmp_path, timeout=120)
+    assert out.stdout.startswith("True"), out.stdout + out.stderr[-2000:]
+    assert "building" not in out.stderr                    # complete: loaded as it is
+    (folder / "lock").write_text("")
+    (folder / f"{cpu.build_name()}.so").unlink()           # half-written: objects, no library yet
+    out = probe(tmp_path, timeout=600)
+    assert out.stdout.startswith("True"), out.stdout + out.stderr[-2000:]
+    assert "[building the CPU kernels (about 30 s, once per machine)...]" in out.stderr, out.stderr
+    assert "[CPU kernels built in" in out.stderr, out.stderr
+
+
+def test_a_build_killed_midway_is_built_again_by_the_next_run(tmp_path):
+    """SIGKILL while compiling (the lock files stay, objects half written); the next run completes the
+    build, and while one process builds, another waits for it rather than building beside it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = probe_env(tmp_path)
+    first = subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("*.o*")) and not list(tmp_path.rglob("build.ninja")):
+        assert time.monotonic() < deadline and first.poll() is None, "the build never started"
+        time.sleep(0.2)
+    time.sleep(3)                                          # midway through compiling
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    third = probe(tmp_path, timeout=600)                   # meanwhile: waits for the second's build
+    out, err = second.communicate(timeout=600)
+    assert out.startswith("True"), out + err[-2000:]
+    assert "building the CPU kernels" in err, err
+    assert third.stdout.startswith("True"), third.stdout + third.stderr[-2000:]
 
 
 def tolerance(dtype, y):

@@ -183,6 +183,9 @@ def test_site_builds_strict(site):
     source = (site / "source" / "qwen2.py" / "index.html").read_text()
     assert f'id="__codelineno-0-{start}"' in source                           # ... which has an anchor
     assert (site / "exercises" / "starter.py").is_file()                       # downloadable starter
+    from html import unescape
+    home = unescape(re.sub(r"<[^>]+>", "", (site / "index.html").read_text()))  # README's set-up
+    assert 'pip install torch==2.13.0' in home and 'pip install -e ".[test,docs]"' in home, home[:3000]
     assert not list(site.rglob("my_answers.py"))
     steps = (site / "exercises" / "index.html").read_text().split("How it works", 1)[1].split("</ol>", 1)[0]
     assert steps.count("<li>") == 3, "a list item merged into the one before (a missing blank line?)"
@@ -236,6 +239,75 @@ def test_a_walkthrough_page_renders_offline_in_chromium(site):
     title = re.search(r"<title>probe mermaid=(\d+) math=(\d+)</title>", result.stdout)
     assert title, result.stdout[:2000] + result.stderr[-2000:]
     assert int(title[1]) >= 1 and int(title[2]) >= 1, title[0]
+
+
+MATH_PROBE = """<script>
+window.addEventListener("load", () => MathJax.startup.promise.then(() => setTimeout(() => {
+  const box = document.querySelector("mjx-container[display='true']").getBoundingClientRect();
+  const numbers = [box.left, box.top, box.width, box.height].map(Math.round);
+  document.title = `math ${numbers.join(" ")}`;
+}, 1000)));
+</script>"""
+
+
+def png_pixels(path) -> tuple[int, int, list[bytes], int]:
+    """(width, height, rows of raw pixel bytes, bytes per pixel) of an 8-bit RGB or RGBA PNG."""
+    import struct
+    import zlib
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunks.setdefault(kind, []).append(data[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][0][:10])
+    assert depth == 8 and color in (2, 6), (depth, color)
+    bpp = 3 if color == 2 else 4
+    raw, stride, rows = zlib.decompress(b"".join(chunks[b"IDAT"])), width * bpp, []
+    previous = bytes(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):  # undo the row's filter (PNG: none, sub, up, average, Paeth)
+            a, b = line[i - bpp] if i >= bpp else 0, previous[i]
+            c = previous[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        previous = line
+    return width, height, rows, bpp
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to render the pages (apt install chromium)")
+def test_a_formula_has_ink_offline_in_chromium(site):
+    """The RMSNorm exercise's formula, typeset offline by the vendored MathJax: its box has a size
+    and, in a screenshot, dark pixels (the glyphs) where a formula whose font CSS went missing was
+    an empty box of the right size."""
+    page = site / "exercises" / "rmsnorm" / "probe.html"
+    html = (site / "exercises" / "rmsnorm" / "index.html").read_text()
+    page.write_text(html.replace("<head>", "<head>" + MATH_PROBE, 1))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1200,900", "--hide-scrollbars"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>math (-?\d+) (-?\d+) (\d+) (\d+)</title>", dom.stdout)
+    assert title, dom.stdout[:2000] + dom.stderr[-2000:]
+    x, y, w, h = map(int, title.groups())
+    assert w > 50 and h > 10, title[0]
+    shot = site / "probe.png"
+    subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    width, height, rows, bpp = png_pixels(shot)
+    assert x + w <= width and y + h <= height, (title[0], width, height)
+    ink = sum(1 for row in rows[y:y + h] for i in range(x * bpp, (x + w) * bpp, bpp)
+              if sum(row[i:i + 3]) < 3 * 128)  # darker than mid-grey
+    assert ink > 100, f"the formula's box ({w} x {h} px) has {ink} dark pixels: drawn blank"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,12 +714,13 @@ WRONG_RMSNORM = (
 
 
 def test_the_suite_stays_green_whatever_the_student_wrote(tmp_path):
-    """A run that names neither a checker nor tests/exercises (the repository's own suite) does not
-    read the answers: a wrong answer neither fails it nor is reported; named, it fails."""
+    """The repository's own suite (`pytest`, a run that names neither a checker nor tests/exercises)
+    does not collect the checkers, so a wrong answer neither fails it nor shows as a skip; named, the
+    checker fails."""
     student = tmp_path / "answers.py"
     student.write_text(WRONG_RMSNORM)
-    code, out = run_pytest("tests", "-k", "exercises and test_rmsnorm", impl=str(student))
-    assert code == 0 and "1 skipped" in out and "exercise checks run when asked" in out, out
+    code, out = run_pytest("tests", "--collect-only", "-q", impl=str(student))
+    assert code == 0 and "tests/test_qwen2.py" in out and "tests/exercises/" not in out, out[-3000:]
     code, out = run_pytest("tests/exercises", "-k", "test_rmsnorm", impl=str(student))
     assert code == 1 and "eps is added outside the square root" in out, out
 

@@ -142,3 +142,38 @@ def test_compiled_decode_compiles_once_across_prompts():
         logits = model(ids)  # no input_pos: the cache is neither needed nor touched
         model.clear_cache()
         torch.testing.assert_close(logits, model(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Long waits: the prefill in chunks, and progress on stderr
+# ----------------------------------------------------------------------------------------------
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_reports_its_progress(monkeypatch):
+    """Chunks of PREFILL_CHUNK tokens, each on the cache of those before, give the tokens of one
+    prefill (padded rows too), and progress hears of each chunk."""
+    model = bench.random_model(bench.PRESETS["tiny"], torch.device("cpu"), torch.float32, seed=4)
+    prompts = [[5, 17, 99, 3, 8, 8, 1, 40, 2, 77], [9, 4, 1, 200, 31, 6]]
+    whole = generate.generate_batch(model, prompts, 6, temperature=0)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 4)
+    told = []
+    chunked = [t.tolist() for t in generate.generate_tokens(model, prompts, 6,
+                                                            progress=lambda *a: told.append(a))]
+    assert [list(row) for row in zip(*chunked)] == whole
+    assert told == [(4, 10), (8, 10), (10, 10)]
+
+
+def test_progress_is_quiet_for_two_seconds_then_a_line_a_tenth(monkeypatch, capsys):
+    clock = [0.0]
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: clock[0])
+    progress = generate.Progress("loading", "MB", 1e-6)
+    progress.tty = False                                # stderr is not a terminal (as under pytest)
+    for done in range(0, 1_000_000_001, 50_000_000):
+        clock[0] = done / 250_000_000                   # 4 s in all
+        progress(done, 1_000_000_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[loading: 50% (500 of 1,000 MB)]"   # the first line once 2 s have passed
+    assert lines[-1] == "[loading: 100% (1,000 of 1,000 MB)]" and len(lines) == 6
+    quick = generate.Progress("prefill", "tokens")
+    clock[0] = 0.5
+    quick(10, 10)                                       # over within 2 s: nothing at all
+    assert capsys.readouterr().err == ""

@@ -1,6 +1,7 @@
 """The real Qwen2.5-Coder-0.5B-Instruct weights (built offline by ../shared/tools/make_real_qwen2.py)
 and, when the hub is reachable, published checkpoints by id."""
 import os
+import shlex
 import subprocess
 import sys
 
@@ -82,3 +83,26 @@ def test_hub_qwen25_instruct_matches_transformers():
     got = list(generate.generate(ours, prompt, 16, stop_ids={151645}))
     assert got == expected[:len(got)]
     assert "Paris" in tok.decode(got)
+
+
+def test_the_readme_python_example_prints_what_the_cli_prints(real_ckpt):
+    """README.md's "Use from Python" example, run as written (the hub id made the real checkpoint's
+    folder), against the command line it names: the same text, stop token left out."""
+    import re
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Use from Python", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'generate.load("Qwen/Qwen2.5-0.5B-Instruct"' in example
+    example = example.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(real_ckpt))
+    command = re.search(r"`python generate.py (--prompt .*?)` prints", section).group(1)
+    cli_args = shlex.split(command)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    python = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert python.returncode == 0, python.stderr[-3000:]
+    cli = subprocess.run([sys.executable, "generate.py", "--model", real_ckpt, *cli_args], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert python.stdout == cli.stdout and len(cli.stdout.strip()) > 10, (python.stdout, cli.stdout)
+    assert "<|im_end|>" not in python.stdout
