@@ -307,3 +307,21 @@ def test_real_checkpoint_answers_the_same_with_the_kernels(real_ckpt, monkeypatc
         qwen_kernels.install(model, "torch")
         want = list(generate.generate(model, prompt, 32, stop_ids=stop))
         assert got == want, question
+
+
+def test_a_failed_build_is_one_line_and_torchs_kernels_serve(tmp_path, tiny_chat_checkpoint):
+    """A compiler that fails (here CXX=false): the run goes on with torch's kernels, says why in one
+    line, and a later run tries again (nothing of the failure is kept)."""
+    import subprocess
+    import sys
+    env = {**probe_env(tmp_path), "CXX": "false"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("False ") and "Error" in out.stdout, out.stdout + out.stderr[-2000:]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cpu.__file__)))
+    cli = subprocess.run([sys.executable, os.path.join(root, "generate.py"), "--model", tiny_chat_checkpoint,
+                          "--prompt", "hi", "--max-new-tokens", "3"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    said = [line for line in cli.stderr.splitlines() if "CPU kernels unavailable" in line]
+    assert len(said) == 1 and said[0].startswith("[CPU kernels unavailable, torch's kernels serve (slower): ")
+    assert "Traceback" not in cli.stderr
