@@ -690,7 +690,13 @@ def load_weights(model: nn.Module, folder: str, device, dtype, hint: str = ""):
     expected = dict(model.named_parameters())
     backbone = next(p for p in ("model.", "transformer.", "") if p + "embed_tokens.weight" in expected)
     seen = set()
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+    index = os.path.join(folder, "model.safetensors.index.json")  # sharded: the files its weight_map names
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(folder, n) for n in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 target = parameter_for(name, backbone)

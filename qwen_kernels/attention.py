@@ -131,17 +131,25 @@ def attention(q, k, v, start, pad=None, window=None, scale=None):
 def model_attention(fallback, cuda_only: bool = True):
     """A function for the model files' `Attention.attention_function`, (q, k, v, step, window) -> out:
     these kernels where they take the tensors (on CUDA only, unless cuda_only is False: then also
-    Triton's CPU interpreter), else `fallback`. The step gives the cache slots (its first one is
-    `start`) and the padding mask (its zeros before each row's first token are `pad`)."""
+    Triton's CPU interpreter), else `fallback`. The kernels read the visibility from numbers, not
+    from the step's masks: the first query's slot (`start`), the window, and each row's left padding
+    (`pad`, the zeros of the padding mask, which generation puts first). So a forward without a cache
+    and with a padding mask (the task heads: right padding too) takes `fallback`, and so does a
+    multi-token step whose keys are not the slots up to its own (tensor slots: fixed shapes)."""
     def attention_function(q, k, v, step, window):
         T = q.shape[2]
-        # The prefill kernel takes an int start: inside torch.compile (fixed shapes) only one-row steps.
-        if (cuda_only and not q.is_cuda) or not supports(q, k) or (T > 1 and torch.compiler.is_compiling()):
+        padded_without_cache = step.slots is None and step.key_mask is not None  # (right padding too)
+        if ((cuda_only and not q.is_cuda) or not supports(q, k) or padded_without_cache
+                or (T > 1 and torch.compiler.is_compiling())):
             return fallback(q, k, v, step, window)
-        if step.slots is None:                                    # no cache: the queries start at slot 0
+        if step.slots is None:                          # no cache: the queries start at slot 0
             start = 0
-        else:                                           # (1,) on the device, or an int for a prefill
-            start = step.slots if T == 1 else int(step.slots[0])
+        elif T == 1:                                    # (1,) on the device, read by the decode kernel
+            start = step.slots
+        else:                                           # the prefill kernel takes an int
+            start = int(step.slots[0])
+            if k.shape[2] != start + T:                 # slots given as a tensor: not this kernel's case
+                return fallback(q, k, v, step, window)
         pad = None if step.key_mask is None else (step.key_mask[:, :k.shape[2]] == 0).sum(-1)  # (B,)
         return attention(q, k, v, start, pad=pad, window=window)
     return attention_function

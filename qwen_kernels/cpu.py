@@ -64,14 +64,16 @@ def build() -> bool:
     torch's own build lock is a file that a process killed while building (a closed terminal:
     SIGHUP; SIGKILL) leaves behind, and every later build then waits for it forever. So every build
     here first takes a lock of the operating system's (flock), which dies with its process: while
-    it is held, a torch lock file in the folder is a dead process's and goes. A build left half
-    done is started again from an empty folder. Another process building: wait for it up to
-    BUILD_WAIT_S, then serve this run with torch's kernels (False)."""
+    it is held, a torch lock file in the folder is a dead process's and goes. What an earlier build
+    left that no longer builds or loads (objects half written by a killed compiler) is started
+    again from an empty folder; a first build that fails raises the compiler's own error. Another
+    process building: wait for it up to BUILD_WAIT_S, then serve this run with torch's kernels
+    (False)."""
     global unavailable_reason
     import shutil
     import time
 
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER, _get_build_directory, load
     name = build_name()
     folder = _get_build_directory(name, verbose=False)
 
@@ -89,15 +91,17 @@ def build() -> bool:
         if os.path.exists(os.path.join(folder, "lock")):  # torch's, left by a process that is gone
             os.remove(os.path.join(folder, "lock"))
         fresh, t0 = not os.path.exists(os.path.join(folder, name + ".so")), time.perf_counter()
+        earlier = os.path.exists(os.path.join(folder, "build.ninja"))  # what an earlier build left
         if fresh:
             log("[building the CPU kernels (about 30 s, once per machine)...]")
         try:
             compile_and_load()
         except Exception:
-            if not os.path.exists(os.path.join(folder, "build.ninja")):
-                raise  # (nothing built before: the compiler's own error)
-            shutil.rmtree(folder, ignore_errors=True)  # a build left broken: once more, from nothing
+            if not earlier:
+                raise  # a first build: the compiler's own error
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier build's leftovers: once more, from nothing
             os.makedirs(folder, exist_ok=True)
+            JIT_EXTENSION_VERSIONER.entries.pop(name, None)  # (else torch thinks it built it already)
             fresh = True
             log("[building the CPU kernels again, from an empty folder (about 30 s)...]")
             compile_and_load()

@@ -226,7 +226,7 @@ def test_fused_moe_kernel_wiring_in_interpreter(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
 
 
-def test_set_kernels_rejects_unknown(tmp_path):
+def test_install_rejects_unknown_kernels(tmp_path):
     ours, _ = tiny(tmp_path)
     with pytest.raises(ValueError, match="kernels must be"):
         qwen_kernels.install(ours, "cuda")
