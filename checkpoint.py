@@ -40,15 +40,18 @@ MODEL_FILES = {
     "qwen3": "qwen3_moe",      # dense Qwen3 = Qwen3-MoE with every layer dense
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def model_module(model_type: str):
     """The model file for a config.json `model_type`."""
     if model_type not in MODEL_FILES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(MODEL_FILES))}")
-    return importlib.import_module(MODEL_FILES[model_type])
+    try:
+        return importlib.import_module(MODEL_FILES[model_type])
+    except ModuleNotFoundError as e:
+        if e.name != MODEL_FILES[model_type]:
+            raise
+        raise ValueError(f"model_type {model_type!r} needs {MODEL_FILES[model_type]}.py, which is not "
+                         f"present") from None
 
 
 @dataclass
@@ -82,9 +85,10 @@ def open_checkpoint(name_or_path: str, dtype=None, architecture: str | None = No
                          f"(it builds {', '.join(module.ARCHITECTURES)})")
     config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
     config = config_cls.from_dict(raw)
-    if isinstance(dtype, str) and dtype not in DTYPES:
+    dtypes = module.DTYPES  # (the model file's names of them)
+    if isinstance(dtype, str) and dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-    dtype = DTYPES.get(dtype, dtype) or DTYPES.get(config.torch_dtype or "", torch.float32)
+    dtype = dtypes.get(dtype, dtype) or dtypes.get(config.torch_dtype or "", torch.float32)
     return Checkpoint(folder, raw, module, architecture, config, dtype, safetensors_files(folder))
 
 
@@ -161,15 +165,13 @@ def open_safetensors(file: str):
         raise damaged(file, str(e)) from None
 
 
-def tensor_bytes(ckpt: Checkpoint) -> dict:
-    """file -> {tensor name -> its bytes in the file}, from the headers alone."""
-    sizes = {}
+def headers(ckpt: Checkpoint) -> dict:
+    """file -> its header (tensor name -> dtype, shape, data_offsets), every file's read once."""
+    out = {}
     for file in ckpt.files:
         with open(file, "rb") as f:
-            header = read_header(f, file)[0]
-        sizes[file] = {name: end - begin for name, (begin, end) in
-                       ((name, info["data_offsets"]) for name, info in header.items())}
-    return sizes
+            out[file] = read_header(f, file)[0]
+    return out
 
 
 def backbone_of(model: nn.Module) -> str:
@@ -183,13 +185,11 @@ def stack_of(expert) -> str:
     return expert[1] + (".down_proj" if expert[3] == "down" else ".gate_up_proj")
 
 
-def check_expert_counts(ckpt: Checkpoint, expected: dict, backbone: str):
+def check_expert_counts(ckpt: Checkpoint, expected: dict, backbone: str, header: dict):
     """Before any tensor is read: only sparse layers have per-expert tensors, and each layer has as
-    many as its stack in `expected` (name -> full shape)."""
+    many as its stack in `expected` (name -> full shape). header: file -> its header (`headers`)."""
     last = {}  # "model.layers.L.mlp.experts" -> (highest expert index, its tensor name)
-    for file in ckpt.files:
-        with open(file, "rb") as f:
-            names = read_header(f, file)[0]
+    for file, names in header.items():
         for name in names:
             expert = ckpt.module.EXPERT_KEY.match(ckpt.module.parameter_for(name, backbone))
             if not expert:
@@ -229,10 +229,12 @@ def load(ckpt: Checkpoint, model: nn.Module, device, *, expected: dict | None = 
     expected = expected or {n: tuple(p.shape) for n, p in model.named_parameters()}
     put = put or (lambda name, t: module.set_parameter(model, name, t.to(device=device, dtype=ckpt.dtype)))
     key, backbone = getattr(module, "EXPERT_KEY", None), backbone_of(model)
+    header = headers(ckpt) if key is not None or progress else {}
     if key is not None:
-        check_expert_counts(ckpt, expected, backbone)
+        check_expert_counts(ckpt, expected, backbone, header)
     stacks, seen = {}, set()  # stack -> (its tensor being filled, {(expert, part) read}); the names put
-    sizes = tensor_bytes(ckpt) if progress else {}
+    sizes = {file: {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in h.items()}
+             for file, h in header.items()}  # (bytes of each tensor in its file, for progress)
     done, total = 0, sum(sum(s.values()) for s in sizes.values())
     for file in ckpt.files:
         with nullcontext() if own_memory else open_safetensors(file) as f:
@@ -299,8 +301,12 @@ def check_shape(name: str, shape, expected):
 
 
 def finish(ckpt: Checkpoint, model: nn.Module, device) -> nn.Module:
-    """Check that nothing is left on the meta device, compute the RoPE buffer (not a weight), freeze:
+    """Tie a tied lm_head the checkpoint did not fill (it has no lm_head.weight) to the embedding,
+    check that nothing is left on the meta device, compute the RoPE buffer (not a weight), freeze:
     ready for inference."""
+    head = getattr(model, "lm_head", None)
+    if ckpt.config.tie_word_embeddings and isinstance(head, nn.Linear) and head.weight.is_meta:
+        head.weight = model.model.embed_tokens.weight
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.is_meta and not n.endswith("inv_freq")]
     if left:
@@ -324,6 +330,4 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, architecture: st
     hint = "" if saved in (None, ckpt.architecture) else (f"; {name_or_path} holds a {saved}, not a "
                                                           f"{ckpt.architecture}")
     load(ckpt, model, device, hint=hint, progress=progress)
-    if ckpt.config.tie_word_embeddings and hasattr(model, "lm_head"):  # the checkpoint has no lm_head.weight
-        model.lm_head.weight = model.model.embed_tokens.weight
     return finish(ckpt, model, device)

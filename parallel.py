@@ -389,6 +389,4 @@ def from_pretrained(name_or_path: str, device=None, dtype=None, rank: int | None
     first, stop = layout.experts
     checkpoint.load(ckpt, model, device, expected=full, put=put, experts=lambda stack: (first, stop - first),
                     read=read_slice, progress=progress)
-    if tied and layout.world == 1:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return checkpoint.finish(ckpt, model, device)
+    return checkpoint.finish(ckpt, model, device)  # (one rank: the tied lm_head is tied there)

@@ -414,11 +414,9 @@ def save(model: nn.Module, folder: str, source: str):
 
 
 def tie(model: nn.Module, config):
-    """A tied lm_head reads the embedding's weight when neither is quantized, or the quantized table
-    when both are, alike (share_tied_table)."""
-    if config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    elif config.tie_word_embeddings and hasattr(model, "lm_head"):
+    """A tied quantized lm_head reads the quantized table when both are alike (share_tied_table); a
+    full-precision one is tied to the embedding by checkpoint.finish."""
+    if config.tie_word_embeddings and hasattr(model, "lm_head") and not isinstance(model.lm_head, nn.Linear):
         share_tied_table(model)
 
 
