@@ -23,7 +23,9 @@ the reason is in `unavailable_reason`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -71,7 +73,6 @@ def build() -> bool:
     (False)."""
     global unavailable_reason
     import shutil
-    import time
 
     from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER, _get_build_directory, load
     name = build_name()
@@ -110,38 +111,34 @@ def build() -> bool:
     return True
 
 
+@contextlib.contextmanager
 def os_lock(path: str):
-    """A context manager: an exclusive flock on `path`, held until the block ends (the operating
-    system drops it when the process dies); yields False after waiting BUILD_WAIT_S. Where there is no
-    flock (Windows), it yields True at once."""
-    import contextlib
-    import time
+    """An exclusive flock on `path`, held until the block ends (the operating system drops it when
+    the process dies): yields True once it is held, False after waiting BUILD_WAIT_S. Where there is
+    no flock (Windows), it yields True at once."""
     try:
         import fcntl
     except ImportError:
-        return contextlib.nullcontext(True)
-
-    @contextlib.contextmanager
-    def held():
-        with open(path, "w") as f:
-            deadline, waiting = time.monotonic() + BUILD_WAIT_S, False
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        yield False
-                        return
-                    if not waiting:
-                        log("[another process is building the CPU kernels: waiting for it...]")
-                        waiting = True
-                    time.sleep(0.2)
+        yield True
+        return
+    with open(path, "w") as f:
+        deadline, waiting = time.monotonic() + BUILD_WAIT_S, False
+        while True:
             try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-    return held()
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                if not waiting:
+                    log("[another process is building the CPU kernels: waiting for it...]")
+                    waiting = True
+                time.sleep(0.2)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def log(message: str):
